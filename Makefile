@@ -1,0 +1,37 @@
+# Every target installs what it needs into .venv first (once; again only when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_RUN := runs/demo
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Trains on the offline MNIST sample (no network), then samples the prior and reconstructs test digits.
+demo: install
+	$(BIN)/vae train --config mnist-sample --out $(DEMO_RUN) --overwrite
+	$(BIN)/vae generate --run $(DEMO_RUN) --n 64 --out $(DEMO_RUN)/prior-samples.png
+	$(BIN)/vae reconstruct --run $(DEMO_RUN) --out $(DEMO_RUN)/reconstructions.png
+	@echo "demo: open $(DEMO_RUN)/prior-samples.png (z ~ p(z)) and $(DEMO_RUN)/reconstructions.png (z ~ q(z|x))"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
