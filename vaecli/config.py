@@ -1,0 +1,204 @@
+"""Typed, frozen run configuration: YAML file + `--set section.key=value` overrides, validated.
+
+Every error is a `ConfigError` whose message is one line naming the key, what was wrong and what is
+allowed, so the CLI can print it as it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vaecli.errors import ConfigError
+
+SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Section(BaseModel):
+    # Frozen so a config cannot drift after validation; forbid extras so a typo is an error, not a no-op.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class DataConfig(_Section):
+    """Which images to train on and how pixels become Bernoulli targets."""
+
+    # The embedded 5,000-digit MNIST subset needs no network, so it is the safe default.
+    name: Literal["mnist", "mnist_sample"] = "mnist_sample"
+    # Folder holding the dataset's files (required for mnist); stored as an absolute path.
+    dir: str | None = None
+    # dynamic: fresh binary pixels drawn from the intensities every step (the protocol behind
+    # published MNIST likelihoods); none: intensities in [0, 1] are the Bernoulli targets.
+    binarize: Literal["none", "dynamic"] = "dynamic"
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute_dir(cls, value: str | None) -> str | None:
+        # Absolute, so the saved config still finds the data when used from another folder.
+        return None if value is None else str(Path(value).expanduser().resolve())
+
+
+class ModelConfig(_Section):
+    """Encoder/decoder shape; the decoder mirrors the encoder's hidden sizes."""
+
+    arch: Literal["mlp"] = "mlp"
+    # Encoder hidden widths, first layer first; the decoder uses them reversed.
+    hidden: Annotated[tuple[Annotated[int, Field(gt=0, le=65536)], ...], Field(min_length=1, max_length=16)] = (
+        512,
+        256,
+    )
+    latent_dim: Annotated[int, Field(gt=0, le=4096)] = 32
+    likelihood: Literal["bernoulli"] = "bernoulli"
+
+
+class TrainConfig(_Section):
+    """Optimisation settings (Adam)."""
+
+    epochs: Annotated[int, Field(gt=0, le=100_000)] = 20
+    # 128 is the batch size of the reference VAE experiments; larger batches run faster per image.
+    batch_size: Annotated[int, Field(gt=0, le=65536)] = 128
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
+
+
+class Config(_Section):
+    """A whole run's configuration; saved with every checkpoint."""
+
+    # Every random draw (init, batch order, binarization, reparameterization) derives from it.
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready dict (tuples become lists)."""
+        return self.model_dump(mode="json")
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the configs packaged with vaecli (without .yaml)."""
+    return sorted(path.stem for path in SHIPPED_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """A path that exists is used as given; otherwise a bare name picks the shipped config of that name."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config {spec} is a directory; give a YAML file such as {path / 'mnist.yaml'}")
+    if path.exists():
+        return path
+    shipped = sorted(SHIPPED_CONFIG_DIR.glob(f"{path.stem}.y*ml")) if path.name == str(spec) else []
+    if shipped:
+        return shipped[0]
+    names = ", ".join(shipped_config_names())
+    raise ConfigError(f"config file {spec} not found; give a path to a YAML file or a shipped config ({names})")
+
+
+def load_config(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (path or shipped name), apply `section.key=value` overrides, validate."""
+    path = resolve_config_path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config {path}: {getattr(error, 'strerror', None) or error}") from error
+    raw = parse_yaml_mapping(text, source=str(path))
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path))
+
+
+def parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
+    """Parse YAML text that must hold a mapping; syntax errors name the line and column."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{source}{where}: YAML syntax error ({problem}); fix the YAML syntax") from error
+    if loaded is None:
+        raise ConfigError(f"{source} is empty; it needs sections such as data:, model:, train:")
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{source} must be a mapping of sections (data:, model:, train:), not {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.key=value` in the raw config dict; the value is parsed as a YAML scalar or list."""
+    dotted_key, separator, value_text = override.partition("=")
+    keys = dotted_key.strip().split(".")
+    if not separator or not all(keys):
+        raise ConfigError(f"--set {override!r} is not of the form section.key=value (e.g. train.epochs=5)")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML; quote it or fix it") from error
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            parent = ".".join(keys[: depth + 1])
+            raise ConfigError(f"--set {override!r}: {parent} is a value, not a section; use --set {parent}=VALUE")
+        node = child
+    node[keys[-1]] = value
+
+
+def validate_config(raw: dict[str, Any], source: str) -> Config:
+    """Turn a raw dict into a Config, or raise ConfigError describing the first problem in one line."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        problems = error.errors()
+        message = describe_problem(problems[0])
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise ConfigError(f"{source}: {message}{more}") from error
+
+
+def describe_problem(problem: dict[str, Any]) -> str:
+    """One readable sentence for one pydantic error: key, what was wrong, what is allowed."""
+    location = [str(part) for part in problem["loc"]]
+    key = ".".join(location)
+    if problem["type"] == "extra_forbidden":
+        return _describe_unknown_key(location)
+    if problem["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        section_class = _section_class(location)
+        allowed = ", ".join(section_class.model_fields) if section_class else ""
+        return f"{key} must be a section with keys {allowed}; got {problem['input']!r}"
+    got = problem.get("input")
+    return f"{key}: {problem['msg'].rstrip('.')} (got {got!r})"
+
+
+def _section_class(location: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that the key path `location` points into (None if it is not a section)."""
+    section: type[BaseModel] = Config
+    for part in location:
+        field = section.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        section = annotation
+    return section
+
+
+def _describe_unknown_key(location: list[str]) -> str:
+    parent, unknown = location[:-1], location[-1]
+    section = _section_class(parent) or Config
+    allowed = list(section.model_fields)
+    prefix = ".".join([*parent, ""])
+    closest = difflib.get_close_matches(unknown, allowed, n=1, cutoff=0.5)
+    hint = f"did you mean {prefix}{closest[0]}? " if closest else ""
+    return f"unknown key {prefix}{unknown}; {hint}allowed: {', '.join(prefix + name for name in allowed)}"
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML text, as saved in the run directory."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def config_from_dict(raw: dict[str, Any], source: str) -> Config:
+    """Rebuild a Config saved with a run (same validation as a user's file)."""
+    return validate_config(raw, source=source)
