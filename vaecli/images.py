@@ -1,0 +1,284 @@
+"""Pillow/NumPy only: read a user's image into model input, tile images into grids, write PNG and NPZ.
+
+Nothing here imports JAX, so reading and writing pictures stays fast and testable on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vaecli.errors import ImageError
+from vaecli.files import write_atomically
+
+# MNIST digits were scaled to fit a 20x20 box, then centred by mass in a 28x28 field.
+MNIST_DIGIT_BOX_FRACTION = 20 / 28
+
+# Ink is anything brighter than this fraction of the way from background to the brightest pixel,
+# so faint noise or JPEG ringing far from the digit does not widen its bounding box.
+INK_FRACTION = 0.2
+
+# Mid-grey separates tiles whose own background is black.
+PADDING_GREY = 128
+
+# Gap between a reconstruction figure's input column and its reconstructions, in paddings.
+INPUT_GAP_PADDINGS = 3
+
+# Greyscale modes with more than 8 bits; Pillow's own convert("L") clips them instead of scaling.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+
+# Pillow's format plugins report a malformed file with any of these.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+_GIVE_AN_IMAGE = "give a PNG or JPEG"
+
+
+# --- reading a user's image ---------------------------------------------------------------------
+
+
+def load_model_input(path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Read any image Pillow can open into a uint8 array of `image_shape`: light ink on black, like MNIST."""
+    path = Path(path)
+    return prepare_grey_image(_to_grey(_read_upright_picture(path), path), image_shape)
+
+
+def _read_upright_picture(path: Path) -> Image.Image:
+    """Open `path` (first frame only), decode it fully and turn it upright per its EXIF orientation."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; refuse those files too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                # exif_transpose always returns a decoded, independent copy, so closing is safe.
+                return ImageOps.exif_transpose(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"{path} is too large to read safely ({error}); give a smaller image") from error
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise ImageError(f"{path} does not exist; check the path") from error
+    except IsADirectoryError as error:
+        raise ImageError(f"{path} is a directory, not an image; {_GIVE_AN_IMAGE}") from error
+    except PermissionError as error:
+        raise ImageError(f"cannot read {path}: permission denied") from error
+    except UnidentifiedImageError as error:
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageError(f"{path} is empty (0 bytes); {_GIVE_AN_IMAGE}") from error
+        message = f"{path} is not an image Pillow can read (cannot identify image file); {_GIVE_AN_IMAGE}"
+        raise ImageError(message) from error
+    except _DECODE_ERRORS as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ImageError(f"{path} could not be decoded ({reason}); save or export it again") from error
+
+
+def _to_grey(picture: Image.Image, path: Path) -> np.ndarray:
+    """Flatten `picture` to 8-bit grey, with transparent parts shown as white paper."""
+    if picture.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_grey(picture)
+    if picture.mode in _ALPHA_MODES or "transparency" in picture.info:
+        picture = _composite_on_white(picture)
+    try:
+        return np.asarray(picture.convert("L"), dtype=np.uint8)
+    except ValueError as error:
+        raise ImageError(f"{path} uses colour mode {picture.mode}, which cannot be made grey") from error
+
+
+def _sixteen_bit_to_grey(picture: Image.Image) -> np.ndarray:
+    """Scale a 16-bit greyscale picture to 0..255 (65535 -> 255), with its transparent value as white."""
+    levels = np.asarray(picture).astype(np.float64)
+    grey = np.rint(np.clip(levels / 257.0, 0, 255)).astype(np.uint8)
+    transparent_level = picture.info.get("transparency")
+    if isinstance(transparent_level, int):
+        grey[levels == transparent_level] = 255
+    return grey
+
+
+def _composite_on_white(picture: Image.Image) -> Image.Image:
+    """Lay `picture` over white: a transparent background means paper, not black ink."""
+    white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, picture.convert("RGBA"))
+
+
+# --- MNIST-style preprocessing ------------------------------------------------------------------
+
+
+def prepare_grey_image(grey: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Turn a uint8 grey picture into MNIST-style model input of `image_shape`: light ink on black,
+    or, when the size differs, the ink cropped, fitted in the digit box and centred by its mass."""
+    height, width = _target_height_width(image_shape)
+    grey = _light_ink_on_dark(np.asarray(grey))
+    if grey.shape == (height, width):
+        return grey.reshape(image_shape)
+    ink_box = _ink_bounding_box(grey)
+    if ink_box is None:
+        return np.zeros(image_shape, dtype=np.uint8)
+    top, bottom, left, right = ink_box
+    digit = _fit_inside(grey[top:bottom, left:right], _digit_box_size(height, width))
+    return _paste_centred_by_mass(digit, height, width).reshape(image_shape)
+
+
+def _target_height_width(image_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(H, W) of a model input shape given as (H, W) or (H, W, 1)."""
+    if len(image_shape) == 2 or (len(image_shape) == 3 and image_shape[2] == 1):
+        return int(image_shape[0]), int(image_shape[1])
+    raise ValueError(f"image_shape must be (height, width) or (height, width, 1), got {image_shape}")
+
+
+def _light_ink_on_dark(grey: np.ndarray) -> np.ndarray:
+    """Invert a picture whose border (its background) is mostly light, such as ink on paper."""
+    if grey.dtype != np.uint8 or grey.ndim != 2 or grey.size == 0:
+        raise ValueError(f"expected a non-empty uint8 [h, w] grey image, got {grey.dtype} {grey.shape}")
+    if np.median(_border_pixels(grey)) > 127:
+        return 255 - grey
+    return grey.copy()  # so the result never aliases the caller's array
+
+
+def _border_pixels(grey: np.ndarray) -> np.ndarray:
+    """The outermost ring of pixels, where the background shows in a picture of one digit."""
+    return np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
+
+
+def _ink_bounding_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), ends exclusive, of the ink in light-on-dark `grey`; None if blank."""
+    background = float(np.median(_border_pixels(grey)))
+    brightest = float(grey.max())
+    if brightest <= background:
+        return None
+    is_ink = grey > background + INK_FRACTION * (brightest - background)
+    ink_rows = np.flatnonzero(is_ink.any(axis=1))
+    ink_columns = np.flatnonzero(is_ink.any(axis=0))
+    return int(ink_rows[0]), int(ink_rows[-1]) + 1, int(ink_columns[0]), int(ink_columns[-1]) + 1
+
+
+def _digit_box_size(height: int, width: int) -> tuple[int, int]:
+    """The box a digit is scaled to fit, e.g. 20x20 inside 28x28."""
+    return max(1, round(MNIST_DIGIT_BOX_FRACTION * height)), max(1, round(MNIST_DIGIT_BOX_FRACTION * width))
+
+
+def _fit_inside(digit: np.ndarray, box: tuple[int, int]) -> np.ndarray:
+    """Resize `digit` (up or down) to fill `box` on its longer side, keeping its aspect ratio."""
+    box_height, box_width = box
+    scale = min(box_height / digit.shape[0], box_width / digit.shape[1])
+    new_height = min(box_height, max(1, round(digit.shape[0] * scale)))
+    new_width = min(box_width, max(1, round(digit.shape[1] * scale)))
+    resized = Image.fromarray(digit).resize((new_width, new_height), Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def _paste_centred_by_mass(digit: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Place `digit` on a black canvas so its centre of mass is at the canvas centre, fully inside."""
+    mass_row, mass_column = _centre_of_mass(digit)
+    # Pixel centres sit at integer indices, so the canvas centre is ((H - 1) / 2, (W - 1) / 2).
+    top = int(np.clip(round((height - 1) / 2 - mass_row), 0, height - digit.shape[0]))
+    left = int(np.clip(round((width - 1) / 2 - mass_column), 0, width - digit.shape[1]))
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return canvas
+
+
+def _centre_of_mass(pixels: np.ndarray) -> tuple[float, float]:
+    """Brightness-weighted mean (row, column); the geometric centre if `pixels` are all black."""
+    weights = pixels.astype(np.float64)
+    total = weights.sum()
+    if total == 0:
+        return (pixels.shape[0] - 1) / 2, (pixels.shape[1] - 1) / 2
+    rows, columns = np.indices(pixels.shape)
+    return float((rows * weights).sum() / total), float((columns * weights).sum() / total)
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile float images in [0, 1] of shape [N, H, W] row by row into one uint8 picture, mid-grey between."""
+    tiles = _to_uint8(_drop_channel_axis(images, tile_axes=3))
+    count, tile_height, tile_width = tiles.shape
+    if count == 0:
+        raise ValueError("make_grid needs at least one image")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    columns = math.ceil(math.sqrt(count)) if columns is None else columns
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    rows = math.ceil(count / columns)
+    grid = np.full(
+        (rows * tile_height + (rows + 1) * padding, columns * tile_width + (columns + 1) * padding),
+        PADDING_GREY,
+        dtype=np.uint8,
+    )
+    for index, tile in enumerate(tiles):
+        top = padding + (index // columns) * (tile_height + padding)
+        left = padding + (index % columns) * (tile_width + padding)
+        grid[top : top + tile_height, left : left + tile_width] = tile
+    return grid
+
+
+def reconstruction_figure(inputs: np.ndarray, reconstructions: np.ndarray, padding: int = 2) -> np.ndarray:
+    """One row per input [N, H, W]: the input, a wider gap, then its K reconstructions [N, K, H, W]."""
+    inputs = _drop_channel_axis(inputs, tile_axes=3)
+    reconstructions = _drop_channel_axis(reconstructions, tile_axes=4)
+    count, per_input = reconstructions.shape[:2]
+    if inputs.shape[0] != count or inputs.shape[1:] != reconstructions.shape[2:]:
+        raise ValueError(
+            f"reconstructions {reconstructions.shape} do not match inputs {inputs.shape}; "
+            "expected [N, K, H, W] for inputs [N, H, W]"
+        )
+    input_column = make_grid(inputs, columns=1, padding=padding)
+    reconstruction_columns = make_grid(
+        reconstructions.reshape(count * per_input, *inputs.shape[1:]), columns=per_input, padding=padding
+    )
+    # Each grid brings its own outer padding to the gap; this strip widens it to the full gap.
+    extra_gap = np.full((input_column.shape[0], (INPUT_GAP_PADDINGS - 2) * padding), PADDING_GREY, dtype=np.uint8)
+    return np.concatenate([input_column, extra_gap, reconstruction_columns], axis=1)
+
+
+def _drop_channel_axis(images: np.ndarray, tile_axes: int) -> np.ndarray:
+    """Accept images with or without a trailing channel axis of 1; check they have `tile_axes` axes."""
+    images = np.asarray(images)
+    if images.ndim == tile_axes + 1 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != tile_axes:
+        raise ValueError(f"expected {tile_axes} axes ending in height and width, got shape {images.shape}")
+    return images
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """Map floats in [0, 1] to 0..255, clipping anything outside."""
+    return np.rint(np.clip(images.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def save_png(path: Path, pixels: np.ndarray) -> Path:
+    """Write uint8 [H, W] `pixels` as a greyscale PNG, atomically; the same pixels give the same bytes."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError(f"save_png needs a uint8 [H, W] array, got {pixels.dtype} {pixels.shape}")
+    picture = Image.fromarray(pixels)
+
+    def write_png(handle: BinaryIO) -> None:
+        picture.save(handle, format="PNG")
+
+    return write_atomically(Path(path), write_png)
+
+
+def save_npz(path: Path, /, **arrays: np.ndarray) -> Path:
+    """Write `arrays` by name to an uncompressed .npz at exactly `path`, atomically; same arrays, same bytes."""
+
+    def write_npz(handle: BinaryIO) -> None:
+        # np.savez stamps each member with the current time; a fixed stamp keeps the output reproducible.
+        with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(member, mode="w", force_zip64=True) as member_file:
+                    np.lib.format.write_array(member_file, np.asarray(array), allow_pickle=False)
+
+    return write_atomically(Path(path), write_npz)
