@@ -1,0 +1,46 @@
+"""Shared fixtures: one small trained run per test session, so tests that need a model don't each train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vaecli.config import Config, validate_config
+
+# A deliberately small model: big enough to learn digits in seconds, small enough to compile fast.
+SMALL_MODEL_SETTINGS = {
+    "seed": 0,
+    "data": {"name": "mnist_sample", "binarize": "dynamic"},
+    "model": {"hidden": [128], "latent_dim": 8},
+    "train": {"epochs": 6, "batch_size": 64, "learning_rate": 0.002},
+}
+
+
+def small_config(**sections) -> Config:
+    """SMALL_MODEL_SETTINGS with some sections replaced or extended."""
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in SMALL_MODEL_SETTINGS.items()}
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return validate_config(raw, source="test")
+
+
+@pytest.fixture(scope="session")
+def trained_run_dir(tmp_path_factory) -> Path:
+    """A run directory trained for a few epochs on the offline mnist_sample digits."""
+    from vaecli.run import train_run
+
+    run_dir = tmp_path_factory.mktemp("runs") / "sample"
+    train_run(small_config(), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_run_dir):
+    """The trained run loaded back from its checkpoint."""
+    from vaecli.checkpoint import load_run
+
+    return load_run(trained_run_dir)

@@ -1,0 +1,153 @@
+"""Training, checkpoints and sampling at the library level."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_config
+from flax import nnx
+
+from vaecli.checkpoint import load_run, load_train_state, save_checkpoint
+from vaecli.data import load_dataset
+from vaecli.errors import CheckpointError, ConfigError, UsageError
+from vaecli.objectives import bernoulli_log_likelihood
+from vaecli.sample import generate, reconstruct
+from vaecli.train import epoch_batch_indices, train
+
+
+def tiny_dataset(train_count=256, val_count=64):
+    """A slice of the offline digits: enough for a few fast steps."""
+    dataset = load_dataset("mnist_sample", None)
+    return dataclasses.replace(
+        dataset, train_images=dataset.train_images[:train_count], val_images=dataset.val_images[:val_count]
+    )
+
+
+def leaves(tree):
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_trees_equal(first, second):
+    for left, right in zip(leaves(first), leaves(second), strict=True):
+        np.testing.assert_array_equal(left, right)
+
+
+TINY = {"model": {"hidden": [32], "latent_dim": 4}, "train": {"epochs": 2, "batch_size": 32}}
+
+
+def test_same_seed_gives_the_same_weights_with_or_without_progress_reports():
+    config, dataset = small_config(**TINY), tiny_dataset()
+    reports, epochs = [], []
+    _, watched = train(config, dataset, on_progress=reports.append, on_epoch_end=epochs.append, progress_every=2)
+    _, unwatched = train(config, dataset)
+
+    assert_trees_equal(watched.params, unwatched.params)
+    assert int(watched.step) == 2 * (256 // 32)
+    assert reports and reports[-1].steps_done == reports[-1].steps_per_epoch == 8
+    assert [result.epoch for result in epochs] == [1, 2]
+    assert set(epochs[0].metrics) >= {"epoch", "step", "train_loss", "val_loss", "val_recon", "val_kl"}
+    assert epochs[0].metrics["val_loss"] == pytest.approx(epochs[0].metrics["val_recon"] + epochs[0].metrics["val_kl"])
+
+
+def test_a_different_seed_gives_different_weights():
+    dataset = tiny_dataset()
+    _, first = train(small_config(**TINY), dataset)
+    _, second = train(small_config(seed=1, **TINY), dataset)
+    assert not np.array_equal(leaves(first.params)[0], leaves(second.params)[0])
+
+
+def test_batch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    order = np.asarray(epoch_batch_indices(seed=0, epoch=1, num_images=100, batch_size=32))
+    assert order.shape == (3, 32)
+    assert len(set(order.ravel())) == 96  # no image twice; the last partial batch is dropped
+    np.testing.assert_array_equal(order, epoch_batch_indices(0, 1, 100, 32))
+    assert not np.array_equal(order, epoch_batch_indices(0, 2, 100, 32))
+    assert not np.array_equal(order, epoch_batch_indices(1, 1, 100, 32))
+
+
+def test_a_batch_larger_than_the_training_set_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.batch_size 512 is larger than the 256 training images"):
+        train(small_config(train={"batch_size": 512}), tiny_dataset())
+
+
+def test_training_lowers_the_validation_loss(trained_run_dir):
+    import json
+
+    metrics = [json.loads(line) for line in (trained_run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in metrics] == list(range(1, 7))
+    assert metrics[-1]["val_loss"] < metrics[0]["val_loss"] - 20
+    assert all(row["images_per_second"] > 0 and row["epoch_seconds"] > 0 for row in metrics)
+
+
+def test_checkpoint_round_trips_weights_optimizer_state_and_config(tmp_path):
+    config = small_config(**TINY)
+    _, state = train(config, tiny_dataset())
+    save_checkpoint(tmp_path, state, 2, config, (28, 28), "mnist_sample")
+
+    loaded = load_run(tmp_path)
+    assert (loaded.step, loaded.epoch, loaded.config, loaded.image_shape) == (16, 2, config, (28, 28))
+    assert_trees_equal(nnx.state(loaded.model, nnx.Param), state.params)
+    restored = load_train_state(tmp_path, 16, config, (28, 28))
+    assert_trees_equal(restored.opt_state, state.opt_state)
+    assert int(restored.step) == 16
+
+
+def test_a_run_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_run(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_run(tmp_path / "missing")
+
+
+def test_reconstructions_through_the_posterior_beat_prior_samples_by_far(trained_run):
+    """The point of the tool: q(z|x) carries the image's identity, p(z) does not."""
+    test_images = load_dataset("mnist_sample", None).split("test")[:200]
+    targets = jnp.asarray(test_images.reshape(200, -1) / 255.0)
+
+    def log_likelihood(means):  # log p(x | decoded means), nats per image
+        probabilities = jnp.clip(jnp.asarray(means.reshape(200, -1)), 1e-4, 1 - 1e-4)
+        return np.asarray(bernoulli_log_likelihood(jnp.log(probabilities) - jnp.log1p(-probabilities), targets))
+
+    posterior = log_likelihood(reconstruct(trained_run.model, test_images, num_samples=1, seed=0)[:, 0])
+    prior = log_likelihood(generate(trained_run.model, 200, seed=0))
+
+    assert posterior.mean() > prior.mean() + 60
+    assert np.mean(posterior > prior) > 0.95
+
+
+def test_generate_is_deterministic_and_sample_i_does_not_depend_on_n(trained_run):
+    many = generate(trained_run.model, 40, seed=3)
+    assert many.shape == (40, 28, 28) and many.dtype == np.float32
+    assert many.min() >= 0.0 and many.max() <= 1.0
+    np.testing.assert_array_equal(many, generate(trained_run.model, 40, seed=3))
+    np.testing.assert_array_equal(many[:7], generate(trained_run.model, 7, seed=3))
+    assert not np.array_equal(many, generate(trained_run.model, 40, seed=4))
+
+
+def test_temperature_scales_the_prior(trained_run):
+    cold = generate(trained_run.model, 64, seed=0, temperature=0.01)
+    warm = generate(trained_run.model, 64, seed=0, temperature=1.0)
+    # Near T = 0 every z is about 0, so all samples are about the same image.
+    assert cold.std(axis=0).max() < 0.05
+    assert warm.std(axis=0).max() > 0.2
+
+
+def test_reconstruct_samples_differ_but_the_mean_mode_repeats(trained_run):
+    images = load_dataset("mnist_sample", None).split("test")[:3]
+    sampled = reconstruct(trained_run.model, images, num_samples=3, seed=0)
+    assert sampled.shape == (3, 3, 28, 28)
+    assert not np.array_equal(sampled[:, 0], sampled[:, 1])
+    np.testing.assert_array_equal(sampled, reconstruct(trained_run.model, images, num_samples=3, seed=0))
+    np.testing.assert_array_equal(sampled[:2], reconstruct(trained_run.model, images[:2], num_samples=3, seed=0))
+    means = reconstruct(trained_run.model, images, num_samples=2, use_mean=True)
+    np.testing.assert_array_equal(means[:, 0], means[:, 1])
+
+
+@pytest.mark.parametrize(("n", "samples"), [(0, 1), (1, 0)])
+def test_sampling_refuses_counts_below_one(trained_run, n, samples):
+    with pytest.raises(UsageError):
+        generate(trained_run.model, n) if n < 1 else reconstruct(
+            trained_run.model, np.zeros((1, 28, 28), np.uint8), samples
+        )

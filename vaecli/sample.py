@@ -1,0 +1,128 @@
+"""Using a trained VAE both ways: decode z ~ p(z) = N(0, T^2 I) (generate), or z ~ q(z|x) (reconstruct).
+
+Each sample's noise comes from fold_in(key(seed), its index), so image i is the same whatever --n
+or batch size is used, and the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vaecli.checkpoint import LoadedRun
+from vaecli.data import load_dataset
+from vaecli.errors import UsageError
+from vaecli.images import load_model_input, make_grid, reconstruction_figure, save_npz, save_png
+from vaecli.model import VAE
+from vaecli.train import images_to_pixels
+
+# Images decoded per compiled call: bounds device memory for any --n.
+DECODE_BATCH_SIZE = 1024
+
+
+def _per_index_normal(seed_key: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """One standard-normal draw of `shape` per index, from fold_in(seed_key, index)."""
+    return jax.vmap(lambda index: jax.random.normal(jax.random.fold_in(seed_key, index), shape))(indices)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "batch_size"))
+def _decode_prior_batch(graphdef, params, seed_key, first_index, temperature, batch_size):
+    model = nnx.merge(graphdef, params)
+    indices = first_index + jnp.arange(batch_size)
+    latents = temperature * _per_index_normal(seed_key, indices, (model.latent_dim,))
+    return jax.nn.sigmoid(model.decode(latents))
+
+
+def generate(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+    """n images decoded from z ~ N(0, temperature^2 I): Bernoulli means, float32 [n, *image_shape]."""
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    if not temperature > 0:
+        raise UsageError(f"--temperature must be positive, got {temperature}")
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch_size = min(n, DECODE_BATCH_SIZE)
+    seed_key = jax.random.key(seed)
+    samples = np.empty((n, *model.image_shape), np.float32)
+    for first in range(0, n, batch_size):
+        means = _decode_prior_batch(graphdef, params, seed_key, first, temperature, batch_size)
+        count = min(batch_size, n - first)
+        samples[first : first + count] = np.asarray(means[:count]).reshape(count, *model.image_shape)
+    return samples
+
+
+@partial(jax.jit, static_argnames=("graphdef", "num_samples", "use_mean"))
+def _reconstruct_batch(graphdef, params, images_uint8, seed_key, first_index, num_samples, use_mean):
+    model = nnx.merge(graphdef, params)
+    posterior_mean, posterior_log_variance = model.encode(images_to_pixels(images_uint8))
+    if use_mean:
+        latents = jnp.repeat(posterior_mean[:, None, :], num_samples, axis=1)
+    else:
+        # eps[i, k] from fold_in(fold_in(key, input index), k): the same draws whatever the batching.
+        indices = first_index + jnp.arange(images_uint8.shape[0])
+        input_keys = jax.vmap(lambda index: jax.random.fold_in(seed_key, index))(indices)
+        noise = jax.vmap(lambda key: _per_index_normal(key, jnp.arange(num_samples), (model.latent_dim,)))(input_keys)
+        latents = posterior_mean[:, None, :] + jnp.exp(0.5 * posterior_log_variance)[:, None, :] * noise
+    return jax.nn.sigmoid(model.decode(latents.reshape(-1, model.latent_dim)))
+
+
+def reconstruct(
+    model: VAE, images_uint8: np.ndarray, num_samples: int = 1, seed: int = 0, use_mean: bool = False
+) -> np.ndarray:
+    """Decode K draws z ~ q(z|x) per image (or the posterior mean K times): float32 [N, K, *image_shape]."""
+    if num_samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {num_samples}")
+    if tuple(images_uint8.shape[1:]) != model.image_shape:
+        raise UsageError(f"images of shape {images_uint8.shape[1:]} given to a model of {model.image_shape}")
+    graphdef, params = nnx.split(model, nnx.Param)
+    count = len(images_uint8)
+    batch_size = min(count, max(1, DECODE_BATCH_SIZE // num_samples))
+    padded = np.concatenate([images_uint8, np.zeros((-count % batch_size, *model.image_shape), np.uint8)])
+    seed_key = jax.random.key(seed)
+    batches = [
+        _reconstruct_batch(graphdef, params, padded[first : first + batch_size], seed_key, first, num_samples, use_mean)
+        for first in range(0, count, batch_size)
+    ]
+    means = np.concatenate([np.asarray(batch) for batch in batches])
+    return means.reshape(-1, num_samples, *model.image_shape)[:count]
+
+
+# ---- writing what generate and reconstruct produce ------------------------------------------------
+
+RECONSTRUCT_DEFAULT_COUNT = 16
+
+
+def save_prior_samples(out: Path, model: VAE, n: int, seed: int, temperature: float) -> Path:
+    """generate() and write a grid PNG, or an .npz holding `samples` [n, H, W] float32."""
+    samples = generate(model, n, seed, temperature)
+    if out.suffix.lower() == ".npz":
+        return save_npz(out, samples=samples)
+    return save_png(out, make_grid(samples))
+
+
+def model_inputs(run: LoadedRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
+    """The images to reconstruct as the model sees them (uint8), and a phrase saying where they came from."""
+    if input_paths:
+        images = np.stack([load_model_input(path, run.image_shape) for path in input_paths])
+        return images, f"{len(input_paths)} input image{'s' if len(input_paths) > 1 else ''}"
+    data_dir = Path(run.config.data.dir) if run.config.data.dir else None
+    test_images = load_dataset(run.config.data.name, data_dir).split("test")[:RECONSTRUCT_DEFAULT_COUNT]
+    return np.asarray(test_images), f"the first {len(test_images)} {run.dataset_name} test images"
+
+
+def save_reconstructions(
+    out: Path, run: LoadedRun, input_paths: list[Path], num_samples: int, seed: int, use_mean: bool
+) -> str:
+    """reconstruct() the inputs (or test images) and write the figure PNG or an .npz; returns the source phrase."""
+    images_uint8, source = model_inputs(run, input_paths)
+    reconstructions = reconstruct(run.model, images_uint8, num_samples, seed, use_mean)
+    inputs = images_uint8.astype(np.float32) / 255.0
+    if out.suffix.lower() == ".npz":
+        save_npz(out, inputs=inputs, reconstructions=reconstructions)
+    else:
+        save_png(out, reconstruction_figure(inputs, reconstructions))
+    return source
