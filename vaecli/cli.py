@@ -1,0 +1,189 @@
+"""The `vae` command: parsing, messages and exit codes only; the work is done by library functions.
+
+Heavy modules (JAX, Flax, Orbax) are imported inside the commands, so `vae --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from vaecli.errors import UsageError, VaeError
+
+app = typer.Typer(
+    name="vae",
+    help="Train a variational autoencoder on images, then sample from its prior or reconstruct through its posterior.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(soft_wrap=True)
+error_console = Console(stderr=True, soft_wrap=True)
+
+OUTPUT_SUFFIXES = (".png", ".npz")
+
+
+def reports_errors(command):
+    """Turn a library error into one red line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VaeError as error:
+            error_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            error_console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def check_output_suffix(out: Path) -> None:
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out {out} must end in .png (a picture) or .npz (the arrays)")
+
+
+@app.command()
+@reports_errors
+def train(
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="YAML config: a path, or a shipped name (mnist, mnist-sample).")
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable; values are YAML)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory [default: runs/<config name>].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+) -> None:
+    """Fit a VAE: z ~ q(z|x) by reparameterization, loss = -ELBO; writes checkpoints, metrics and pictures."""
+    from vaecli.config import load_config
+
+    resolved = load_config(config, overrides or [])
+    from vaecli.run import default_run_dir, train_run
+
+    run_dir = out or default_run_dir(config)
+    console.print(
+        f"training on [bold]{resolved.data.name}[/bold] for {resolved.train.epochs} epochs "
+        f"(model {resolved.model.arch} {list(resolved.model.hidden)} -> z{resolved.model.latent_dim}) into {run_dir}"
+    )
+    with TrainingDisplay(console, resolved.train.epochs) as display:
+        train_run(resolved, run_dir, overwrite, on_progress=display.on_progress, on_epoch_end=display.on_epoch_end)
+    console.print(f"done: {run_dir} (try: vae generate --run {run_dir}  or  vae reconstruct --run {run_dir})")
+
+
+@app.command()
+@reports_errors
+def generate(
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory [default: newest run under ./runs].")] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
+    out: Annotated[Path, typer.Option("--out", help="Output: a .png grid, or .npz with array 'samples'.")] = Path(
+        "grid.png"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Seed for z; the same seed gives the same output.")] = 0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Scale of z ~ N(0, T^2 I).")] = 1.0,
+) -> None:
+    """New images from the prior: z ~ p(z) = N(0, T^2 I), decoded to Bernoulli means."""
+    check_output_suffix(out)
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    from vaecli.checkpoint import load_run
+    from vaecli.run import latest_run_dir
+    from vaecli.sample import save_prior_samples
+
+    loaded = load_run(run or latest_run_dir())
+    save_prior_samples(out, loaded.model, n, seed, temperature)
+    console.print(
+        f"wrote {out}: {n} samples from the prior z ~ N(0, {temperature:g}^2 I), "
+        f"run {loaded.run_dir} step {loaded.step}"
+    )
+
+
+@app.command()
+@reports_errors
+def reconstruct(
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(help="Image files (any format Pillow reads) [default: 16 test images].")
+    ] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory [default: newest run under ./runs].")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output: a .png figure, or .npz with 'inputs' and 'reconstructions'.")
+    ] = Path("recon.png"),
+    samples: Annotated[
+        int, typer.Option("--samples", "-k", help="Reconstructions per input, each from its own z ~ q(z|x).")
+    ] = 4,
+    mean: Annotated[bool, typer.Option("--mean", help="Decode the posterior mean instead of sampling z.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for eps in z = mu + sigma * eps.")] = 0,
+) -> None:
+    """Re-draw images through the posterior: z ~ q(z|x) via z = mu + sigma * eps, decoded."""
+    check_output_suffix(out)
+    if samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {samples}")
+    from vaecli.checkpoint import load_run
+    from vaecli.run import latest_run_dir
+    from vaecli.sample import save_reconstructions
+
+    loaded = load_run(run or latest_run_dir())
+    source = save_reconstructions(out, loaded, inputs or [], samples, seed, mean)
+    how = "the posterior mean" if mean else f"{samples} draws of z ~ q(z|x)"
+    console.print(f"wrote {out}: {source}, each decoded from {how}, run {loaded.run_dir} step {loaded.step}")
+
+
+class TrainingDisplay:
+    """Rich rendering of the training callbacks: a progress bar per epoch and a summary line after it."""
+
+    def __init__(self, output: Console, epochs: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.epochs = epochs
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.2f}"),
+            TextColumn("{task.fields[rate]:,.0f} img/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=output,
+            transient=True,
+        )
+        self.task = None
+        self.task_epoch = None
+
+    def __enter__(self) -> TrainingDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    def on_progress(self, report) -> None:
+        if report.epoch != self.task_epoch:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task_epoch = report.epoch
+            self.task = self.progress.add_task(
+                "train", total=report.steps_per_epoch, epoch=report.epoch, epochs=self.epochs, loss=0.0, rate=0.0
+            )
+        self.progress.update(
+            self.task, completed=report.steps_done, loss=report.train_loss, rate=report.images_per_second
+        )
+
+    def on_epoch_end(self, metrics: dict) -> None:
+        self.progress.console.print(
+            f"epoch {metrics['epoch']:>3}/{self.epochs}  train loss {metrics['train_loss']:8.2f}  "
+            f"val ELBO {-metrics['val_loss']:8.2f} nats "
+            f"(recon {metrics['val_recon']:.2f} + KL {metrics['val_kl']:.2f})  "
+            f"{metrics['epoch_seconds']:.1f} s, {metrics['images_per_second']:,.0f} img/s",
+            highlight=False,
+        )
+
+
+def main() -> None:
+    app()
