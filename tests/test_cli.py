@@ -196,3 +196,23 @@ def test_help_is_fast_to_reach_and_python_m_works():
 def test_the_shipped_configs_resolve_from_the_repository_root():
     root = Path(__file__).parent.parent
     assert (root / "configs" / "mnist.yaml").is_file() and (root / "configs" / "mnist-sample.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["generate", "--n", "abc"], "Invalid value for '--n'"),
+        (["train"], "Missing option '--config'"),
+        (["bogus"], "No such command 'bogus'"),
+        (["generate", "--bogus"], "No such option: --bogus"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_too(tmp_path, arguments, fragment):
+    """Typer's own usage errors go through the real entry point, not CliRunner, so test them there."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vaecli", *arguments], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "--help" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ Heavy modules (JAX, Flax, Orbax) are imported inside the commands, so `vae --hel
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -186,4 +187,19 @@ class TrainingDisplay:
 
 
 def main() -> None:
-    app()
+    """Entry point: run the app, reporting a command-line mistake as one line like any other error."""
+    # Typer vendors Click; its usage errors (missing option, value of the wrong type) would
+    # otherwise be drawn as a multi-line box.
+    from typer._click.exceptions import ClickException
+
+    try:
+        exit_code = typer.main.get_command(app).main(prog_name="vae", standalone_mode=False)
+    except ClickException as error:
+        context = getattr(error, "ctx", None)
+        command = "vae --help" if context is None or context.parent is None else f"vae {context.info_name} --help"
+        if error.format_message():  # empty when `vae` alone has just printed the help
+            error_console.print(f"[red]error:[/red] {error.format_message()} (see {command})", highlight=False)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(exit_code if isinstance(exit_code, int) else 0)
