@@ -45,9 +45,23 @@ def reports_errors(command):
     return wrapper
 
 
-def check_output_suffix(out: Path) -> None:
+RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory [default: newest run under ./runs].")]
+
+
+def check_outputs(out: Path, count_option: str, count: int) -> None:
+    """Refuse an output format or a count we cannot honour before any model is loaded."""
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"--out {out} must end in .png (a picture) or .npz (the arrays)")
+    if count < 1:
+        raise UsageError(f"{count_option} must be at least 1, got {count}")
+
+
+def open_run(run: Path | None):
+    """The run named by --run, or the newest one under ./runs."""
+    from vaecli.checkpoint import load_run
+    from vaecli.run import latest_run_dir
+
+    return load_run(run or latest_run_dir())
 
 
 @app.command()
@@ -82,7 +96,7 @@ def train(
 @app.command()
 @reports_errors
 def generate(
-    run: Annotated[Path | None, typer.Option("--run", help="Run directory [default: newest run under ./runs].")] = None,
+    run: RunOption = None,
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
     out: Annotated[Path, typer.Option("--out", help="Output: a .png grid, or .npz with array 'samples'.")] = Path(
         "grid.png"
@@ -91,14 +105,10 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="Scale of z ~ N(0, T^2 I).")] = 1.0,
 ) -> None:
     """New images from the prior: z ~ p(z) = N(0, T^2 I), decoded to Bernoulli means."""
-    check_output_suffix(out)
-    if n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
-    from vaecli.checkpoint import load_run
-    from vaecli.run import latest_run_dir
+    check_outputs(out, "--n", n)
     from vaecli.sample import save_prior_samples
 
-    loaded = load_run(run or latest_run_dir())
+    loaded = open_run(run)
     save_prior_samples(out, loaded.model, n, seed, temperature)
     console.print(
         f"wrote {out}: {n} samples from the prior z ~ N(0, {temperature:g}^2 I), "
@@ -112,7 +122,7 @@ def reconstruct(
     inputs: Annotated[
         list[Path] | None, typer.Argument(help="Image files (any format Pillow reads) [default: 16 test images].")
     ] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="Run directory [default: newest run under ./runs].")] = None,
+    run: RunOption = None,
     out: Annotated[
         Path, typer.Option("--out", help="Output: a .png figure, or .npz with 'inputs' and 'reconstructions'.")
     ] = Path("recon.png"),
@@ -123,14 +133,10 @@ def reconstruct(
     seed: Annotated[int, typer.Option("--seed", help="Seed for eps in z = mu + sigma * eps.")] = 0,
 ) -> None:
     """Re-draw images through the posterior: z ~ q(z|x) via z = mu + sigma * eps, decoded."""
-    check_output_suffix(out)
-    if samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {samples}")
-    from vaecli.checkpoint import load_run
-    from vaecli.run import latest_run_dir
+    check_outputs(out, "--samples", samples)
     from vaecli.sample import save_reconstructions
 
-    loaded = load_run(run or latest_run_dir())
+    loaded = open_run(run)
     source = save_reconstructions(out, loaded, inputs or [], samples, seed, mean)
     how = "the posterior mean" if mean else f"{samples} draws of z ~ q(z|x)"
     console.print(f"wrote {out}: {source}, each decoded from {how}, run {loaded.run_dir} step {loaded.step}")
