@@ -16,7 +16,7 @@ SPLIT_NAMES = ("train", "val", "test")
 # eq=False: the generated __eq__/__hash__ would compare or hash the arrays, which NumPy cannot do.
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Images (uint8 [N, H, W]) and their labels (uint8 [N]) for each of the three splits."""
+    """Images (uint8 [N, H, W] grey or [N, H, W, 3] colour) and labels [N] for each of the three splits."""
 
     name: str
     train_images: np.ndarray
@@ -25,10 +25,17 @@ class Dataset:
     val_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    # Label i names class_names[i]; empty when the images carry no names (or no labels, marked -1).
+    class_names: tuple[str, ...] = ()
+    # One-line remarks for the user about how the data was read (e.g. files skipped); never errors.
+    notices: tuple[str, ...] = ()
+    # How a user's picture becomes model input for this data: "digit" (MNIST's crop-and-centre,
+    # light ink on dark) or "resize_crop" (scale the shorter side, centre-crop), see vaecli.images.
+    preprocessing: str = "digit"
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """The shape of one image, (H, W)."""
+        """The shape of one image, (H, W) or (H, W, 3)."""
         return tuple(self.train_images.shape[1:])
 
     def split(self, name: str) -> np.ndarray:
