@@ -11,7 +11,9 @@ from PIL import Image
 from vaecli import images
 from vaecli.errors import ImageError, OutputError
 from vaecli.images import (
+    load_input_for_model,
     load_model_input,
+    load_photo_input,
     make_grid,
     prepare_grey_image,
     reconstruction_figure,
@@ -459,3 +461,200 @@ def test_failed_npz_write_leaves_no_temporary_file(tmp_path):
         save_npz(tmp_path / "latents.npz", broken=unpicklable)
 
     assert list(tmp_path.iterdir()) == []
+
+
+# --- colour figures and PNGs ----------------------------------------------------------------------
+
+
+def test_colour_grid_keeps_the_channels_and_pads_in_mid_grey():
+    tiles = np.zeros((5, 6, 4, 3))
+    tiles[..., 0] = 1.0  # pure red tiles
+
+    grid = make_grid(tiles, padding=2)
+
+    assert grid.shape == (2 * 6 + 3 * 2, 3 * 4 + 4 * 2, 3) and grid.dtype == np.uint8
+    np.testing.assert_array_equal(tile_at(grid, 0, 1, tile_shape=(6, 4))[0, 0], [255, 0, 0])
+    assert (grid[:2] == images.PADDING_GREY).all(), "padding is mid-grey in every channel"
+    assert (tile_at(grid, 1, 2, tile_shape=(6, 4)) == images.PADDING_GREY).all(), "the empty cell too"
+
+
+def test_colour_reconstruction_figure_has_rgb_gap_and_rows():
+    inputs = np.full((2, 5, 5, 3), 1.0)
+    reconstructions = np.full((2, 3, 5, 5, 3), 0.2)
+
+    figure = reconstruction_figure(inputs, reconstructions, padding=1)
+
+    assert figure.shape == (2 * 5 + 3 * 1, (5 + 2 * 1) + 1 + (3 * 5 + 4 * 1), 3)
+    assert (figure[1:6, 6:9] == images.PADDING_GREY).all()
+    assert (figure[1:6, 9:14] == 51).all()
+
+
+def test_grid_rejects_a_channel_axis_that_is_neither_one_nor_three():
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        make_grid(np.zeros((2, 4, 4, 2)))
+
+
+def test_save_png_round_trips_rgb(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(9, 7, 3), dtype=np.uint8)
+
+    path = save_png(tmp_path / "colour.png", pixels)
+
+    with Image.open(path) as written:
+        assert written.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(written), pixels)
+    assert save_png(tmp_path / "again.png", pixels.copy()).read_bytes() == path.read_bytes()
+
+
+def test_save_png_rejects_four_channels(tmp_path):
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        save_png(tmp_path / "rgba.png", np.zeros((4, 4, 4), dtype=np.uint8))
+
+
+# --- reading photos: scale the shorter side, crop the centre --------------------------------------
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def banded_picture(width: int, height: int) -> np.ndarray:
+    """Blue, with a red band over the middle third of the longer side."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[...] = BLUE
+    if width >= height:
+        pixels[:, width // 3 : 2 * width // 3] = RED
+    else:
+        pixels[height // 3 : 2 * height // 3, :] = RED
+    return pixels
+
+
+@pytest.mark.parametrize(("width", "height"), [(300, 100), (100, 300)])
+def test_photo_input_keeps_the_centre_of_a_wide_or_tall_picture(tmp_path, width, height):
+    path = tmp_path / "banded.png"
+    Image.fromarray(banded_picture(width, height)).save(path)
+
+    photo = load_photo_input(path, 16, channels=3)
+
+    assert photo.shape == (16, 16, 3) and photo.dtype == np.uint8
+    # The centre square is exactly the red band; resampling may tint only the outermost pixels.
+    inner = photo[1:-1, 1:-1].astype(int)
+    assert (inner[..., 0] > 240).all() and (inner[..., 2] < 15).all()
+
+
+def test_photo_input_is_grey_or_rgb_as_asked_and_never_inverted(tmp_path):
+    path = tmp_path / "dot.png"
+    pixels = np.full((40, 40, 3), 255, dtype=np.uint8)
+    pixels[12:28, 12:28] = RED
+    Image.fromarray(pixels).save(path)
+
+    grey = load_photo_input(path, 20, channels=1)
+    colour = load_photo_input(path, 20, channels=3)
+
+    assert grey.shape == (20, 20) and colour.shape == (20, 20, 3)
+    assert grey[0, 0] == 255 and (colour[0, 0] == 255).all(), "white paper stays white: no inversion"
+    assert abs(int(grey[10, 10]) - 76) <= 4, "red is grey 76 by ITU-R 601-2 luma"
+    assert colour[10, 10, 0] > 200 and colour[10, 10, 1] < 60
+
+
+def test_photo_input_is_not_cropped_to_its_content(tmp_path):
+    path = tmp_path / "corner.png"
+    pixels = np.zeros((32, 32), dtype=np.uint8)
+    pixels[:4, :4] = 255  # a small bright square in the top-left corner
+    Image.fromarray(pixels).save(path)
+
+    photo = load_photo_input(path, 16, channels=1)
+
+    assert photo[:2, :2].min() > 200 and photo[8:, 8:].max() == 0
+
+
+@pytest.mark.parametrize(("channels", "white"), [(1, 255), (3, [255, 255, 255])])
+def test_photo_transparency_is_white(tmp_path, channels, white):
+    pixels = np.zeros((20, 30, 4), dtype=np.uint8)  # transparent black everywhere ...
+    pixels[8:12, 13:17] = (0, 0, 255, 255)  # ... but an opaque blue square in the middle
+    path = tmp_path / "transparent.png"
+    Image.fromarray(pixels).save(path)
+
+    photo = load_photo_input(path, 10, channels=channels)
+
+    np.testing.assert_array_equal(photo[0, 0], white)
+    assert photo[5, 5].min() < 100 if channels == 1 else photo[5, 5, 0] < 100
+
+
+def test_tiny_picture_is_scaled_up(tmp_path):
+    path = tmp_path / "tiny.png"
+    Image.fromarray(np.full((7, 5, 3), (10, 200, 30), dtype=np.uint8)).save(path)
+
+    photo = load_photo_input(path, 16, channels=3)
+
+    assert photo.shape == (16, 16, 3)
+    assert np.abs(photo.astype(int) - [10, 200, 30]).max() <= 1
+
+
+def test_sixteen_bit_picture_reads_as_rgb(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 60_000, dtype=np.uint16)).save(path)
+
+    photo = load_photo_input(path, 4, channels=3)
+
+    np.testing.assert_array_equal(photo, np.full((4, 4, 3), round(60_000 / 257), dtype=np.uint8))
+
+
+def test_photo_exif_rotation_matches_the_pre_rotated_picture(tmp_path):
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    Image.fromarray(banded_picture(60, 20)).save(tmp_path / "tagged.png", exif=exif)
+    Image.fromarray(banded_picture(60, 20)).transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+
+    tagged = load_photo_input(tmp_path / "tagged.png", 8, channels=3)
+
+    np.testing.assert_array_equal(tagged, load_photo_input(tmp_path / "upright.png", 8, channels=3))
+
+
+def test_large_jpeg_read_at_reduced_scale_matches_full_decode(tmp_path):
+    rows, columns = np.indices((600, 800))
+    pixels = np.stack([columns * 255 // 800, rows * 255 // 600, np.full_like(rows, 90)], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+
+    from_jpeg = load_photo_input(tmp_path / "big.jpg", 32, channels=3)
+
+    assert np.abs(from_jpeg.astype(int) - load_photo_input(tmp_path / "big.png", 32, channels=3)).mean() < 3
+
+
+def test_unreadable_photo_raises_image_error_naming_the_file(tmp_path):
+    path = tmp_path / "junk.jpg"
+    path.write_bytes(b"\x13\x37" * 100)
+
+    with pytest.raises(ImageError, match="not an image Pillow can read") as raised:
+        load_photo_input(path, 16, channels=3)
+    assert str(path) in str(raised.value)
+
+
+# --- choosing the rule ------------------------------------------------------------------------------
+
+
+def test_dispatcher_picks_the_rule_and_keeps_the_shape(tmp_path):
+    path = tmp_path / "banded.png"
+    Image.fromarray(banded_picture(60, 40)).save(path)
+
+    np.testing.assert_array_equal(load_input_for_model(path, MNIST_SHAPE, "digit"), load_model_input(path, MNIST_SHAPE))
+    np.testing.assert_array_equal(
+        load_input_for_model(path, (16, 16, 3), "resize_crop"), load_photo_input(path, 16, channels=3)
+    )
+    np.testing.assert_array_equal(
+        load_input_for_model(path, (16, 16), "resize_crop"), load_photo_input(path, 16, channels=1)
+    )
+    assert load_input_for_model(path, (16, 16, 1), "resize_crop").shape == (16, 16, 1)
+
+
+@pytest.mark.parametrize(
+    ("image_shape", "preprocessing", "problem"),
+    [
+        ((16, 16), "sharpen", "unknown preprocessing"),
+        ((16, 12), "resize_crop", "must be"),
+        ((8, 8, 4), "resize_crop", "must be"),
+    ],
+)
+def test_dispatcher_rejects_unknown_rules_and_shapes(tmp_path, image_shape, preprocessing, problem):
+    path = save_grey(tmp_path / "digit.png", gamma_digit())
+
+    with pytest.raises(ValueError, match=problem):
+        load_input_for_model(path, image_shape, preprocessing)
