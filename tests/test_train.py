@@ -10,6 +10,7 @@ from conftest import small_config
 from flax import nnx
 
 from vaecli.checkpoint import load_run, load_train_state, save_checkpoint
+from vaecli.config import DataConfig
 from vaecli.data import load_dataset
 from vaecli.errors import CheckpointError, ConfigError, UsageError
 from vaecli.objectives import bernoulli_log_likelihood
@@ -19,7 +20,7 @@ from vaecli.train import epoch_batch_indices, train
 
 def tiny_dataset(train_count=256, val_count=64):
     """A slice of the offline digits: enough for a few fast steps."""
-    dataset = load_dataset("mnist_sample", None)
+    dataset = load_dataset(DataConfig())
     return dataclasses.replace(
         dataset, train_images=dataset.train_images[:train_count], val_images=dataset.val_images[:val_count]
     )
@@ -84,7 +85,7 @@ def test_training_lowers_the_validation_loss(trained_run_dir):
 def test_checkpoint_round_trips_weights_optimizer_state_and_config(tmp_path):
     config = small_config(**TINY)
     _, state = train(config, tiny_dataset())
-    save_checkpoint(tmp_path, state, 2, config, (28, 28), "mnist_sample")
+    save_checkpoint(tmp_path, state, 2, config, tiny_dataset())
 
     loaded = load_run(tmp_path)
     assert (loaded.step, loaded.epoch, loaded.config, loaded.image_shape) == (16, 2, config, (28, 28))
@@ -103,7 +104,7 @@ def test_a_run_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_reconstructions_through_the_posterior_beat_prior_samples_by_far(trained_run):
     """The point of the tool: q(z|x) carries the image's identity, p(z) does not."""
-    test_images = load_dataset("mnist_sample", None).split("test")[:200]
+    test_images = load_dataset(DataConfig()).split("test")[:200]
     targets = jnp.asarray(test_images.reshape(200, -1) / 255.0)
 
     def log_likelihood(means):  # log p(x | decoded means), nats per image
@@ -135,7 +136,7 @@ def test_temperature_scales_the_prior(trained_run):
 
 
 def test_reconstruct_samples_differ_but_the_mean_mode_repeats(trained_run):
-    images = load_dataset("mnist_sample", None).split("test")[:3]
+    images = load_dataset(DataConfig()).split("test")[:3]
     sampled = reconstruct(trained_run.model, images, num_samples=3, seed=0)
     assert sampled.shape == (3, 3, 28, 28)
     assert not np.array_equal(sampled[:, 0], sampled[:, 1])
@@ -151,3 +152,25 @@ def test_sampling_refuses_counts_below_one(trained_run, n, samples):
         generate(trained_run.model, n) if n < 1 else reconstruct(
             trained_run.model, np.zeros((1, 28, 28), np.uint8), samples
         )
+
+
+def test_static_binarization_is_one_fixed_draw_per_split():
+    from vaecli.train import device_split
+
+    images = load_dataset(DataConfig()).split("val")[:100]
+    config = small_config(data={"binarize": "static"})
+    first, again = np.asarray(device_split(config, images, 1)), np.asarray(device_split(config, images, 1))
+    np.testing.assert_array_equal(first, again)
+    assert set(np.unique(first)) <= {0, 255}
+    assert abs(first.mean() - images.mean()) < 2.0  # a draw from the intensities, not a threshold
+    assert not np.array_equal(first, np.asarray(device_split(config, images, 0)))
+    assert not np.array_equal(
+        first, np.asarray(device_split(small_config(seed=1, data={"binarize": "static"}), images, 1))
+    )
+    unchanged = np.asarray(device_split(small_config(data={"binarize": "dynamic"}), images, 1))
+    np.testing.assert_array_equal(unchanged, images)  # dynamic draws happen inside each step instead
+
+
+def test_static_binarization_trains():
+    _, state = train(small_config(data={"binarize": "static"}, **TINY), tiny_dataset())
+    assert all(np.isfinite(leaf).all() for leaf in leaves(state.params))

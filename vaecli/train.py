@@ -29,6 +29,7 @@ from vaecli.objectives import negative_elbo_terms
 STEP_NOISE_STREAM = 1
 BATCH_ORDER_STREAM = 2
 EVALUATION_STREAM = 3
+STATIC_BINARIZATION_STREAM = 4
 # Validation images per compiled evaluation call; the last partial batch is padded and masked.
 EVAL_BATCH_SIZE = 1000
 
@@ -77,10 +78,30 @@ def images_to_pixels(images_uint8: jax.Array) -> jax.Array:
 
 
 def bernoulli_targets(pixels: jax.Array, key: jax.Array, binarize: str) -> jax.Array:
-    """The targets the decoder must explain: fresh binary draws (dynamic) or the intensities (none)."""
+    """The targets the decoder must explain: fresh binary draws (dynamic) or the pixels as they are."""
     if binarize == "dynamic":
         return jax.random.bernoulli(key, pixels).astype(pixels.dtype)
     return pixels
+
+
+def step_binarization(config: Config) -> str:
+    """What each step does to its batch: static data was binarized once up front, so it needs nothing."""
+    return "dynamic" if config.data.binarize == "dynamic" else "none"
+
+
+@jax.jit
+def binarize_once(images_uint8: jax.Array, key: jax.Array) -> jax.Array:
+    """One fixed Bernoulli draw per pixel from its intensity, as uint8 0 or 255 (static binarization)."""
+    return jnp.where(jax.random.bernoulli(key, images_uint8 / 255.0), 255, 0).astype(jnp.uint8)
+
+
+def device_split(config: Config, images_uint8: np.ndarray, split_number: int) -> jax.Array:
+    """A split's images on the device as uint8; binarized once here when data.binarize is static."""
+    images = jax.device_put(images_uint8)
+    if config.data.binarize != "static":
+        return images
+    static_key = jax.random.fold_in(jax.random.fold_in(root_key(config.seed), STATIC_BINARIZATION_STREAM), split_number)
+    return binarize_once(images, static_key)
 
 
 def negative_elbo(model: VAE, images_uint8: jax.Array, key: jax.Array, binarize: str):
@@ -108,7 +129,7 @@ def make_update_step(graphdef: nnx.GraphDef, config: Config) -> Callable:
     """The jitted update: gather the batch on the device, loss, gradient and Adam step in one call."""
     optimizer = make_optimizer(config)
     step_key = jax.random.fold_in(root_key(config.seed), STEP_NOISE_STREAM)
-    binarize = config.data.binarize
+    binarize = step_binarization(config)
 
     def batch_loss(params, images_uint8, key):
         reconstruction, kl = negative_elbo(nnx.merge(graphdef, params), images_uint8, key, binarize)
@@ -146,7 +167,7 @@ def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> C
     masks = jnp.asarray(padded_indices < num_images, jnp.float32)
     batch_indices = jnp.asarray(np.minimum(padded_indices, num_images - 1), jnp.int32)
     eval_key = jax.random.fold_in(root_key(config.seed), EVALUATION_STREAM)
-    binarize = config.data.binarize
+    binarize = step_binarization(config)
 
     @jax.jit
     def batch_sums(params, images_uint8, indices, mask, batch_number):
@@ -185,8 +206,8 @@ def train(
     check_trainable(config, dataset)
 
     # ---- set-up: data on the device once, as uint8 ------------------------------------------------
-    train_images = jax.device_put(dataset.train_images)
-    val_images = jax.device_put(dataset.val_images)
+    train_images = device_split(config, dataset.train_images, split_number=0)
+    val_images = device_split(config, dataset.val_images, split_number=1)
     graphdef, state = init_train_state(config, dataset.image_shape)
     update = make_update_step(graphdef, config)
     evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
