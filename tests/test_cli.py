@@ -134,7 +134,11 @@ def empty_workdir(tmp_path, monkeypatch):
         (["train", "--config", "mnist-sample", "--set", "train.epoch=1"], 2, "did you mean train.epochs?"),
         (["train", "--config", "mnist-sample", "--set", "model.latent_dim=0"], 2, "model.latent_dim"),
         (["train", "--config", "mnist-sample", "--set", "train.batch_size=5000"], 2, "larger than the 4000"),
-        (["train", "--config", "mnist", "--set", "data.dir=nowhere"], 1, "not found; put the four MNIST IDX files"),
+        (
+            ["train", "--config", "mnist", "--set", "data.dir=nowhere", "--set", "data.mirrors=http://127.0.0.1:9/"],
+            1,
+            "mnist: could not download train-images-idx3-ubyte.gz: tried http://127.0.0.1:9/",
+        ),
         (["generate"], 1, "no trained run under runs/"),
         (["generate", "--run", "nowhere"], 1, "run directory nowhere does not exist"),
         (["generate", "--run", "."], 1, "holds no checkpoint"),

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vaecli.config import Config, config_from_dict
+from vaecli.data import Dataset
 from vaecli.errors import CheckpointError
 from vaecli.model import VAE, build_model
 from vaecli.train import TrainState, make_optimizer
@@ -41,6 +42,7 @@ class LoadedRun:
     epoch: int
     image_shape: tuple[int, ...]
     dataset_name: str
+    preprocessing: str  # how a user's picture becomes input: see Dataset.preprocessing
 
 
 def _manager(run_dir: Path, create: bool) -> ocp.CheckpointManager:
@@ -50,17 +52,17 @@ def _manager(run_dir: Path, create: bool) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_SUBDIR, options=options)
 
 
-def save_checkpoint(
-    run_dir: Path, state: TrainState, epoch: int, config: Config, image_shape: tuple[int, ...], dataset_name: str
-) -> int:
+def save_checkpoint(run_dir: Path, state: TrainState, epoch: int, config: Config, dataset: Dataset) -> int:
     """Write the state of `epoch` as checkpoint number state.step; returns that step."""
     step = int(state.step)
     meta = {
         "format_version": FORMAT_VERSION,
         "step": step,
         "epoch": epoch,
-        "image_shape": list(image_shape),
-        "dataset": dataset_name,
+        "image_shape": list(dataset.image_shape),
+        "dataset": dataset.name,
+        "preprocessing": dataset.preprocessing,
+        "class_names": list(dataset.class_names),
         "config": config.to_dict(),
     }
     with _manager(run_dir, create=True) as manager:
@@ -126,7 +128,7 @@ def load_run(run_dir: Path) -> LoadedRun:
             f"checkpoint {step} in {run_dir} does not match its saved config ({type(error).__name__}); train again"
         ) from error
     model = nnx.merge(graphdef, restored.params)
-    return LoadedRun(run_dir, config, model, step, meta["epoch"], image_shape, meta["dataset"])
+    return LoadedRun(run_dir, config, model, step, meta["epoch"], image_shape, meta["dataset"], meta["preprocessing"])
 
 
 def load_train_state(run_dir: Path, step: int, config: Config, image_shape: tuple[int, ...]) -> TrainState:

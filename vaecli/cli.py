@@ -89,7 +89,16 @@ def train(
         f"(model {resolved.model.arch} {list(resolved.model.hidden)} -> z{resolved.model.latent_dim}) into {run_dir}"
     )
     with TrainingDisplay(console, resolved.train.epochs) as display:
-        train_run(resolved, run_dir, overwrite, on_progress=display.on_progress, on_epoch_end=display.on_epoch_end)
+        train_run(
+            resolved,
+            run_dir,
+            overwrite,
+            on_progress=display.on_progress,
+            on_epoch_end=display.on_epoch_end,
+            on_download=display.on_download,
+            on_decode=display.on_decode,
+            on_notice=display.on_notice,
+        )
     console.print(f"done: {run_dir} (try: vae generate --run {run_dir}  or  vae reconstruct --run {run_dir})")
 
 
@@ -143,25 +152,22 @@ def reconstruct(
 
 
 class TrainingDisplay:
-    """Rich rendering of the training callbacks: a progress bar per epoch and a summary line after it."""
+    """Rich rendering of the library's callbacks: downloads, decoding, a bar per epoch, a line per epoch."""
 
     def __init__(self, output: Console, epochs: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.epochs = epochs
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.2f}"),
-            TextColumn("{task.fields[rate]:,.0f} img/s"),
+            TextColumn("{task.fields[detail]}"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=output,
             transient=True,
         )
-        self.task = None
-        self.task_epoch = None
+        self.tasks: dict[str, int] = {}  # one bar per label; finished bars are removed
 
     def __enter__(self) -> TrainingDisplay:
         self.progress.start()
@@ -170,17 +176,32 @@ class TrainingDisplay:
     def __exit__(self, *exc_info) -> None:
         self.progress.stop()
 
+    def _show(self, label: str, completed: float, total: float, detail: str) -> None:
+        if label not in self.tasks:
+            for finished in self.tasks.values():
+                self.progress.remove_task(finished)
+            self.tasks = {label: self.progress.add_task(label, total=total, detail=detail)}
+        self.progress.update(self.tasks[label], completed=completed, total=total, detail=detail)
+
+    def on_download(self, report) -> None:
+        task_id = self.tasks.get(f"download {report.file_name}")
+        speed = next((task.speed for task in self.progress.tasks if task.id == task_id), None)
+        rate = f"  {speed / 1e6:.1f} MB/s" if speed else ""
+        detail = f"{report.bytes_done / 1e6:.1f}/{report.bytes_total / 1e6:.1f} MB{rate}"
+        self._show(f"download {report.file_name}", report.bytes_done, report.bytes_total or 1, detail)
+
+    def on_decode(self, done: int, total: int) -> None:
+        self._show("decode images", done, total, f"{done}/{total} files")
+
+    def on_notice(self, notice: str) -> None:
+        self.progress.console.print(f"[yellow]note:[/yellow] {notice}", highlight=False)
+
     def on_progress(self, report) -> None:
-        if report.epoch != self.task_epoch:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-            self.task_epoch = report.epoch
-            self.task = self.progress.add_task(
-                "train", total=report.steps_per_epoch, epoch=report.epoch, epochs=self.epochs, loss=0.0, rate=0.0
-            )
-        self.progress.update(
-            self.task, completed=report.steps_done, loss=report.train_loss, rate=report.images_per_second
+        detail = (
+            f"{report.steps_done}/{report.steps_per_epoch}  loss {report.train_loss:.2f}  "
+            f"{report.images_per_second:,.0f} img/s"
         )
+        self._show(f"epoch {report.epoch}/{self.epochs}", report.steps_done, report.steps_per_epoch, detail)
 
     def on_epoch_end(self, metrics: dict) -> None:
         self.progress.console.print(

@@ -19,7 +19,8 @@ import numpy as np
 
 from vaecli.checkpoint import CHECKPOINT_SUBDIR, save_checkpoint
 from vaecli.config import Config, config_to_yaml
-from vaecli.data import load_dataset
+from vaecli.data import load_dataset, resolved_data_dir
+from vaecli.data.download import DownloadProgress
 from vaecli.errors import CheckpointError, OutputError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
@@ -80,21 +81,36 @@ def append_metrics(run_dir: Path, metrics: dict) -> None:
     write_atomically(path, lambda handle: handle.write(previous + line))
 
 
+def with_data_dir_recorded(config: Config) -> Config:
+    """The config with data.dir set to the folder actually read, so the saved config says where the data was."""
+    directory = resolved_data_dir(config.data)
+    if directory is None or config.data.dir is not None:
+        return config
+    return config.model_copy(update={"data": config.data.model_copy(update={"dir": str(directory)})})
+
+
 def train_run(
     config: Config,
     run_dir: Path,
     overwrite: bool = False,
     on_progress: Callable[[StepProgress], None] | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    on_download: Callable[[DownloadProgress], None] | None = None,
+    on_decode: Callable[[int, int], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> Path:
     """Load the data, train, and after each epoch write checkpoint, metrics and pictures to run_dir."""
-    dataset = load_dataset(config.data.name, Path(config.data.dir) if config.data.dir else None)
+    dataset = load_dataset(config.data, on_download=on_download, on_decode=on_decode)
+    for notice in dataset.notices:
+        if on_notice:
+            on_notice(notice)
     check_trainable(config, dataset)  # before the run directory is touched
+    config = with_data_dir_recorded(config)
     run_dir = prepare_run_dir(run_dir, overwrite)
     write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
 
     def record_epoch(result: EpochResult) -> None:
-        save_checkpoint(run_dir, result.state, result.epoch, config, dataset.image_shape, dataset.name)
+        save_checkpoint(run_dir, result.state, result.epoch, config, dataset)
         append_metrics(run_dir, result.metrics)
         write_epoch_pictures(run_dir, result.model(), dataset.val_images, result.epoch)
         if on_epoch_end:

@@ -17,7 +17,7 @@ from flax import nnx
 from vaecli.checkpoint import LoadedRun
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
-from vaecli.images import load_model_input, make_grid, reconstruction_figure, save_npz, save_png
+from vaecli.images import load_input_for_model, make_grid, reconstruction_figure, save_npz, save_png
 from vaecli.model import VAE
 from vaecli.train import images_to_pixels
 
@@ -107,10 +107,9 @@ def save_prior_samples(out: Path, model: VAE, n: int, seed: int, temperature: fl
 def model_inputs(run: LoadedRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
     """The images to reconstruct as the model sees them (uint8), and a phrase saying where they came from."""
     if input_paths:
-        images = np.stack([load_model_input(path, run.image_shape) for path in input_paths])
+        images = np.stack([load_input_for_model(path, run.image_shape, run.preprocessing) for path in input_paths])
         return images, f"{len(input_paths)} input image{'s' if len(input_paths) > 1 else ''}"
-    data_dir = Path(run.config.data.dir) if run.config.data.dir else None
-    test_images = load_dataset(run.config.data.name, data_dir).split("test")[:RECONSTRUCT_DEFAULT_COUNT]
+    test_images = load_dataset(run.config.data).split("test")[:RECONSTRUCT_DEFAULT_COUNT]
     return np.asarray(test_images), f"the first {len(test_images)} {run.dataset_name} test images"
 
 
