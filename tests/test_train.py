@@ -38,18 +38,30 @@ def assert_trees_equal(first, second):
 TINY = {"model": {"hidden": [32], "latent_dim": 4}, "train": {"epochs": 2, "batch_size": 32}}
 
 
-def test_same_seed_gives_the_same_weights_with_or_without_progress_reports():
+def test_same_seed_gives_the_same_weights_with_or_without_progress_reports(monkeypatch):
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3 and 2 (+1 skipped)
     config, dataset = small_config(**TINY), tiny_dataset()
     reports, epochs = [], []
-    _, watched = train(config, dataset, on_progress=reports.append, on_epoch_end=epochs.append, progress_every=2)
+    _, watched = train(config, dataset, on_progress=reports.append, on_epoch_end=epochs.append)
     _, unwatched = train(config, dataset)
 
     assert_trees_equal(watched.params, unwatched.params)
-    assert int(watched.step) == 2 * (256 // 32)
-    assert reports and reports[-1].steps_done == reports[-1].steps_per_epoch == 8
+    assert int(watched.step) == 2 * (256 // 32)  # the skipped step of each last chunk did not count
+    assert [(report.epoch, report.steps_done) for report in reports] == [(1, 3), (1, 6), (1, 8), (2, 3), (2, 6), (2, 8)]
+    assert all(report.steps_per_epoch == 8 and np.isfinite(report.train_loss) for report in reports)
     assert [result.epoch for result in epochs] == [1, 2]
     assert set(epochs[0].metrics) >= {"epoch", "step", "train_loss", "val_loss", "val_recon", "val_kl"}
     assert epochs[0].metrics["val_loss"] == pytest.approx(epochs[0].metrics["val_recon"] + epochs[0].metrics["val_kl"])
+
+
+def test_chunk_length_does_not_change_the_result(monkeypatch):
+    config, dataset = small_config(**TINY), tiny_dataset()
+    _, one_chunk_per_epoch = train(config, dataset)  # 8 steps < STEPS_PER_CHUNK
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)
+    _, three_chunks_per_epoch = train(config, dataset)
+    for left, right in zip(leaves(one_chunk_per_epoch.params), leaves(three_chunks_per_epoch.params), strict=True):
+        np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-6)
+    assert int(one_chunk_per_epoch.step) == int(three_chunks_per_epoch.step) == 16
 
 
 def test_a_different_seed_gives_different_weights():
@@ -174,3 +186,48 @@ def test_static_binarization_is_one_fixed_draw_per_split():
 def test_static_binarization_trains():
     _, state = train(small_config(data={"binarize": "static"}, **TINY), tiny_dataset())
     assert all(np.isfinite(leaf).all() for leaf in leaves(state.params))
+
+
+def test_dynamic_binarization_draws_each_pixel_with_its_intensity():
+    from vaecli.train import bernoulli_draw, root_key
+
+    levels = jnp.array([0, 1, 64, 128, 254, 255], jnp.uint8)
+    images = jnp.broadcast_to(levels, (20_000, 6))
+    frequencies = np.asarray(jnp.mean(bernoulli_draw(root_key(0), images), axis=0))
+    assert frequencies[0] == 0.0 and frequencies[-1] == 1.0  # black never, white always
+    np.testing.assert_allclose(frequencies[1:-1], np.asarray(levels[1:-1]) / 255, atol=0.01)
+    assert not np.array_equal(bernoulli_draw(root_key(0), images), bernoulli_draw(root_key(1), images))
+
+
+def test_validation_padding_is_masked_out(trained_run):
+    """1,500 images = one full batch of 1,000 and one padded to 1,000: the padding must not count."""
+    from vaecli.train import EVALUATION_STREAM, make_evaluator, negative_elbo, root_key
+
+    config = trained_run.config
+    images = np.concatenate([load_dataset(DataConfig()).split("train")[:1500]])
+    graphdef, params = nnx.split(trained_run.model, nnx.Param)
+    loss, reconstruction, kl = make_evaluator(graphdef, config, 1500)(params, jnp.asarray(images))
+
+    eval_key = jax.random.fold_in(root_key(config.seed), EVALUATION_STREAM)
+    totals = np.zeros(2)
+    for batch_number, batch in enumerate((images[:1000], images[1000:])):
+        terms = negative_elbo(
+            trained_run.model, jnp.asarray(batch), jax.random.fold_in(eval_key, batch_number), "dynamic"
+        )
+        totals += [float(jnp.sum(term)) for term in terms]
+    np.testing.assert_allclose([reconstruction, kl], totals / 1500, rtol=1e-4)
+    assert loss == pytest.approx(reconstruction + kl)
+
+
+def test_a_checkpoint_with_incomplete_metadata_is_a_clear_error(tmp_path):
+    import json
+
+    config = small_config(**TINY)
+    _, state = train(config, tiny_dataset())
+    save_checkpoint(tmp_path, state, 2, config, tiny_dataset())
+    meta_file = tmp_path / "checkpoints" / "16" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["preprocessing"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lacks preprocessing in its metadata"):
+        load_run(tmp_path)

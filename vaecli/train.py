@@ -4,6 +4,11 @@ Randomness is a pure function of (seed, purpose, counter): the batch order of ep
 fold_in(order_key, e) and the binarization and reparameterization noise of step s from
 fold_in(step_key, s), so a run is reproducible and can be resumed from any step.
 The loop never prints: it reports through callbacks that the CLI renders.
+
+Speed (see `make bench`): the dataset lives on the device as uint8 and each batch is gathered there;
+steps run STEPS_PER_CHUNK at a time inside one compiled lax.scan with the state's buffers donated,
+so Python dispatches a few calls per epoch instead of one per step; progress reads the loss of the
+chunk before the one just dispatched, so the device never waits for the host.
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ STEP_NOISE_STREAM = 1
 BATCH_ORDER_STREAM = 2
 EVALUATION_STREAM = 3
 STATIC_BINARIZATION_STREAM = 4
-# Validation images per compiled evaluation call; the last partial batch is padded and masked.
+# Validation images per evaluation batch; the last partial batch is padded and masked.
 EVAL_BATCH_SIZE = 1000
+# Update steps per compiled call: enough to make dispatch overhead vanish, few enough that progress
+# arrives several times a second. An epoch's last chunk runs its missing steps as no-ops.
+STEPS_PER_CHUNK = 64
+# Philox (one of JAX's own PRNG implementations) draws bits about 4x faster than the default
+# threefry on a CPU, and dynamic binarization draws one number per pixel per step.
+PRNG_IMPL = "philox2x32"
 
 
 class TrainState(NamedTuple):
@@ -69,19 +80,32 @@ class EpochResult:
 
 def root_key(seed: int) -> jax.Array:
     """The run's root PRNG key; every other key is folded from it."""
-    return jax.random.key(seed)
+    return jax.random.key(seed, impl=PRNG_IMPL)
 
 
-def images_to_pixels(images_uint8: jax.Array) -> jax.Array:
+def intensities(images_uint8: jax.Array) -> jax.Array:
     """uint8 [batch, H, W...] -> float32 [batch, pixels] in [0, 1]; done inside the compiled step."""
     return images_uint8.reshape(images_uint8.shape[0], -1).astype(jnp.float32) / 255.0
 
 
-def bernoulli_targets(pixels: jax.Array, key: jax.Array, binarize: str) -> jax.Array:
-    """The targets the decoder must explain: fresh binary draws (dynamic) or the pixels as they are."""
+def bernoulli_draw(key: jax.Array, images_uint8: jax.Array) -> jax.Array:
+    """A binary image per input, pixel on with probability intensity / 255 (to within 2^-16), as bool.
+
+    16 random bits per pixel instead of a float uniform: half the random words, and compared
+    against an integer threshold, since the draw is the costliest part of dynamic binarization.
+    """
+    random_bits = jax.random.bits(key, images_uint8.shape, jnp.uint16).astype(jnp.uint32)
+    threshold = (images_uint8.astype(jnp.uint32) * 65536 + 127) // 255  # 255 -> 65536: always on
+    return random_bits < threshold
+
+
+def bernoulli_targets(images_uint8: jax.Array, key: jax.Array, binarize: str) -> jax.Array:
+    """Flattened float32 targets in [0, 1]: fresh binary draws (dynamic) or the intensities as they are."""
     if binarize == "dynamic":
-        return jax.random.bernoulli(key, pixels).astype(pixels.dtype)
-    return pixels
+        # Drawn on the flattened batch: Philox fills a 2-D shape markedly faster than [B, H, W].
+        flat_images = images_uint8.reshape(images_uint8.shape[0], -1)
+        return bernoulli_draw(key, flat_images).astype(jnp.float32)
+    return intensities(images_uint8)
 
 
 def step_binarization(config: Config) -> str:
@@ -92,7 +116,8 @@ def step_binarization(config: Config) -> str:
 @jax.jit
 def binarize_once(images_uint8: jax.Array, key: jax.Array) -> jax.Array:
     """One fixed Bernoulli draw per pixel from its intensity, as uint8 0 or 255 (static binarization)."""
-    return jnp.where(jax.random.bernoulli(key, images_uint8 / 255.0), 255, 0).astype(jnp.uint8)
+    flat_images = images_uint8.reshape(images_uint8.shape[0], -1)
+    return jnp.where(bernoulli_draw(key, flat_images), 255, 0).astype(jnp.uint8).reshape(images_uint8.shape)
 
 
 def device_split(config: Config, images_uint8: np.ndarray, split_number: int) -> jax.Array:
@@ -107,7 +132,7 @@ def device_split(config: Config, images_uint8: np.ndarray, split_number: int) ->
 def negative_elbo(model: VAE, images_uint8: jax.Array, key: jax.Array, binarize: str):
     """Per-image (reconstruction, KL) for one batch, with z drawn from q(z|x) by reparameterization."""
     binarize_key, noise_key = jax.random.split(key)
-    targets = bernoulli_targets(images_to_pixels(images_uint8), binarize_key, binarize)
+    targets = bernoulli_targets(images_uint8, binarize_key, binarize)
     logits, posterior_mean, posterior_log_variance = model(targets, noise_key)
     return negative_elbo_terms(logits, targets, posterior_mean, posterior_log_variance)
 
@@ -125,8 +150,14 @@ def init_train_state(config: Config, image_shape: tuple[int, ...]) -> tuple[nnx.
     return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32))
 
 
-def make_update_step(graphdef: nnx.GraphDef, config: Config) -> Callable:
-    """The jitted update: gather the batch on the device, loss, gradient and Adam step in one call."""
+def make_train_chunk(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int) -> Callable:
+    """The jitted update, STEPS_PER_CHUNK at a time: gather each batch on the device, loss, gradient, Adam.
+
+    chunk(state, train_images, epoch_batches, first_step) runs steps first_step .. first_step + K - 1
+    of the epoch (epoch_batches: [steps rounded up to K, batch] indices); steps past the epoch's end
+    leave the state untouched, so an epoch of any length needs one compilation.
+    Returns the new state and the K losses (0 for the skipped steps).
+    """
     optimizer = make_optimizer(config)
     step_key = jax.random.fold_in(root_key(config.seed), STEP_NOISE_STREAM)
     binarize = step_binarization(config)
@@ -135,16 +166,25 @@ def make_update_step(graphdef: nnx.GraphDef, config: Config) -> Callable:
         reconstruction, kl = negative_elbo(nnx.merge(graphdef, params), images_uint8, key, binarize)
         return jnp.mean(reconstruction + kl)
 
-    def update(state: TrainState, train_images: jax.Array, epoch_batches: jax.Array, batch_number: jax.Array):
+    def update(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:
         key = jax.random.fold_in(step_key, state.step)
-        batch_images = train_images[epoch_batches[batch_number]]
         loss, grads = jax.value_and_grad(batch_loss)(state.params, batch_images, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), loss
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+
+    def skip(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:
+        return state, jnp.zeros((), jnp.float32)
+
+    def chunk(state: TrainState, train_images: jax.Array, epoch_batches: jax.Array, first_step: jax.Array):
+        def one_step(state, offset):
+            step_in_epoch = first_step + offset
+            batch_indices = jax.lax.dynamic_index_in_dim(epoch_batches, step_in_epoch, keepdims=False)
+            return jax.lax.cond(step_in_epoch < steps_per_epoch, update, skip, state, train_images[batch_indices])
+
+        return jax.lax.scan(one_step, state, jnp.arange(STEPS_PER_CHUNK))
 
     # The old state is donated: its buffers are reused for the new one instead of copied.
-    return jax.jit(update, donate_argnums=0)
+    return jax.jit(chunk, donate_argnums=0)
 
 
 def epoch_batch_indices(seed: int, epoch: int, num_images: int, batch_size: int) -> jax.Array:
@@ -155,11 +195,18 @@ def epoch_batch_indices(seed: int, epoch: int, num_images: int, batch_size: int)
     return permutation[: steps * batch_size].reshape(steps, batch_size)
 
 
+def padded_to_chunks(epoch_batches: jax.Array) -> jax.Array:
+    """The epoch's batch indices with rows of zeros appended up to a whole number of chunks."""
+    missing = -epoch_batches.shape[0] % STEPS_PER_CHUNK
+    return jnp.pad(epoch_batches, ((0, missing), (0, 0)))
+
+
 def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> Callable:
     """evaluate(params, images) -> (mean negative ELBO, mean reconstruction, mean KL) in nats/image.
 
-    Fixed-size batches (the last one padded and masked) keep it to one compilation; a fixed key
-    makes the estimate the same function of the weights every epoch, so epochs are comparable.
+    One compiled call scans fixed-size batches (the last one padded and masked), so evaluation
+    compiles once per run; a fixed key makes the estimate the same function of the weights every
+    epoch, so epochs are comparable.
     """
     batch_size = min(EVAL_BATCH_SIZE, num_images)
     num_batches = -(-num_images // batch_size)
@@ -170,14 +217,20 @@ def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> C
     binarize = step_binarization(config)
 
     @jax.jit
-    def batch_sums(params, images_uint8, indices, mask, batch_number):
-        key = jax.random.fold_in(eval_key, batch_number)
-        reconstruction, kl = negative_elbo(nnx.merge(graphdef, params), images_uint8[indices], key, binarize)
-        return jnp.sum(reconstruction * mask), jnp.sum(kl * mask)
+    def totals(params, images_uint8):
+        model = nnx.merge(graphdef, params)
+
+        def batch_sums(running, batch):
+            indices, mask, batch_number = batch
+            key = jax.random.fold_in(eval_key, batch_number)
+            reconstruction, kl = negative_elbo(model, images_uint8[indices], key, binarize)
+            return running + jnp.stack([jnp.sum(reconstruction * mask), jnp.sum(kl * mask)]), None
+
+        batches = (batch_indices, masks, jnp.arange(num_batches))
+        return jax.lax.scan(batch_sums, jnp.zeros(2, jnp.float32), batches)[0]
 
     def evaluate(params, images_uint8: jax.Array) -> tuple[float, float, float]:
-        totals = [batch_sums(params, images_uint8, batch_indices[b], masks[b], b) for b in range(num_batches)]
-        reconstruction, kl = (float(total) / num_images for total in jnp.sum(jnp.array(totals), axis=0))
+        reconstruction, kl = (float(total) / num_images for total in totals(params, images_uint8))
         return reconstruction + kl, reconstruction, kl
 
     return evaluate
@@ -195,12 +248,26 @@ def check_trainable(config: Config, dataset: Dataset) -> None:
         raise ConfigError(f"{dataset.name} has no validation images; use a dataset with more images")
 
 
+def report_progress(
+    on_progress: Callable[[StepProgress], None],
+    epoch: int,
+    steps_done: int,
+    steps_per_epoch: int,
+    chunk_losses: jax.Array,
+    batch_size: int,
+    started: float,
+) -> None:
+    """Report the (full) chunk that ended at step `steps_done`: its mean loss and the rate so far."""
+    elapsed = time.perf_counter() - started
+    images_per_second = steps_done * batch_size / elapsed
+    on_progress(StepProgress(epoch, steps_done, steps_per_epoch, float(jnp.mean(chunk_losses)), images_per_second))
+
+
 def train(
     config: Config,
     dataset: Dataset,
     on_progress: Callable[[StepProgress], None] | None = None,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
-    progress_every: int = 20,
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Train for config.train.epochs epochs; return the model's graph definition and final state."""
     check_trainable(config, dataset)
@@ -209,36 +276,27 @@ def train(
     train_images = device_split(config, dataset.train_images, split_number=0)
     val_images = device_split(config, dataset.val_images, split_number=1)
     graphdef, state = init_train_state(config, dataset.image_shape)
-    update = make_update_step(graphdef, config)
-    evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
     batch_size = config.train.batch_size
+    steps_per_epoch = len(dataset.train_images) // batch_size
+    train_chunk = make_train_chunk(graphdef, config, steps_per_epoch)
+    evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
 
     # ---- the loop ---------------------------------------------------------------------------------
     for epoch in range(1, config.train.epochs + 1):
-        batches = epoch_batch_indices(config.seed, epoch, len(dataset.train_images), batch_size)
-        steps_per_epoch = batches.shape[0]
+        epoch_batches = padded_to_chunks(epoch_batch_indices(config.seed, epoch, len(dataset.train_images), batch_size))
         started = time.perf_counter()
-        step_losses = []
-        reported_loss = None  # a loss some steps old: reading it does not wait on the newest step
-        for step_in_epoch in range(steps_per_epoch):
-            state, loss = update(state, train_images, batches, step_in_epoch)
-            step_losses.append(loss)
-            done = step_in_epoch + 1
-            if on_progress and (done % progress_every == 0 or done == steps_per_epoch):
-                if reported_loss is not None:
-                    elapsed = time.perf_counter() - started
-                    on_progress(
-                        StepProgress(epoch, done, steps_per_epoch, float(reported_loss), done * batch_size / elapsed)
-                    )
-                reported_loss = loss
-        train_loss = float(jnp.mean(jnp.stack(step_losses)))  # waits for the epoch's last step
+        chunk_losses = []
+        for first_step in range(0, steps_per_epoch, STEPS_PER_CHUNK):
+            state, losses = train_chunk(state, train_images, epoch_batches, first_step)
+            if on_progress and chunk_losses:
+                # Reading the previous chunk's losses waits only for that chunk; this one is queued.
+                report_progress(on_progress, epoch, first_step, steps_per_epoch, chunk_losses[-1], batch_size, started)
+            chunk_losses.append(losses)
+        train_loss = float(jnp.mean(jnp.concatenate(chunk_losses)[:steps_per_epoch]))  # waits for the last step
         epoch_seconds = time.perf_counter() - started
         if on_progress:
-            on_progress(
-                StepProgress(
-                    epoch, steps_per_epoch, steps_per_epoch, train_loss, steps_per_epoch * batch_size / epoch_seconds
-                )
-            )
+            images_per_second = steps_per_epoch * batch_size / epoch_seconds
+            on_progress(StepProgress(epoch, steps_per_epoch, steps_per_epoch, train_loss, images_per_second))
 
         # ---- evaluation -------------------------------------------------------------------------
         val_loss, val_recon, val_kl = evaluate(state.params, val_images)
