@@ -30,9 +30,10 @@ def small_config(**sections) -> Config:
 
 @pytest.fixture(autouse=True, scope="session")
 def private_data_cache(tmp_path_factory):
-    """Point the per-user data cache at a temporary folder: tests never read or write ~/.cache."""
+    """Point the per-user caches at temporary folders: tests never read or write ~/.cache."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VAECLI_DATA", str(tmp_path_factory.mktemp("vaecli-data")))
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
         yield
 
 

@@ -12,10 +12,10 @@ from http_server import FileServer, refused_url
 from idx_files import write_mnist_dir
 from typer.testing import CliRunner
 
+from vaecli.cache import data_root, default_data_dir
 from vaecli.cli import app
 from vaecli.config import DataConfig
 from vaecli.data import load_dataset
-from vaecli.data.cache import data_root, default_data_dir
 from vaecli.data.download import download_missing
 from vaecli.data.sources import IDX_FILE_STEMS, IDX_SOURCES, DatasetSource, RemoteFile
 from vaecli.errors import DataError

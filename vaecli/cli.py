@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from vaecli.cache import enable_compilation_cache
 from vaecli.errors import UsageError, VaeError
 
 app = typer.Typer(
@@ -81,6 +82,7 @@ def train(
     from vaecli.config import load_config
 
     resolved = load_config(config, overrides or [])
+    enable_compilation_cache()
     from vaecli.run import default_run_dir, train_run
 
     run_dir = out or default_run_dir(config)
@@ -115,6 +117,7 @@ def generate(
 ) -> None:
     """New images from the prior: z ~ p(z) = N(0, T^2 I), decoded to Bernoulli means."""
     check_outputs(out, "--n", n)
+    enable_compilation_cache()
     from vaecli.sample import save_prior_samples
 
     loaded = open_run(run)
@@ -143,6 +146,7 @@ def reconstruct(
 ) -> None:
     """Re-draw images through the posterior: z ~ q(z|x) via z = mu + sigma * eps, decoded."""
     check_outputs(out, "--samples", samples)
+    enable_compilation_cache()
     from vaecli.sample import save_reconstructions
 
     loaded = open_run(run)
@@ -226,7 +230,23 @@ def main() -> None:
         command = "vae --help" if context is None or context.parent is None else f"vae {context.info_name} --help"
         if error.format_message():  # empty when `vae` alone has just printed the help
             error_console.print(f"[red]error:[/red] {error.format_message()} (see {command})", highlight=False)
-        sys.exit(error.exit_code)
+        exit_code = error.exit_code
     except typer.Abort:
-        sys.exit(1)
-    sys.exit(exit_code if isinstance(exit_code, int) else 0)
+        exit_code = 1
+    exit_now(exit_code if isinstance(exit_code, int) else 0)
+
+
+def exit_now(exit_code: int) -> None:
+    """Exit without the interpreter's teardown once the command has finished.
+
+    With JAX, Flax and Orbax loaded, teardown takes about 0.2 s (measured; a sixth of a warm
+    `vae generate`) and does nothing a finished command needs: every output was written through a
+    closed, fsynced file and renamed, and checkpoints are saved synchronously.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "jax" not in sys.modules:
+        sys.exit(exit_code)
+    os._exit(exit_code)

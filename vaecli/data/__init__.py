@@ -63,7 +63,7 @@ def resolved_data_dir(data: DataConfig) -> Path | None:
     if data.dir is not None:
         return Path(data.dir)
     if data.name in DOWNLOADABLE_DATASETS:
-        from vaecli.data.cache import default_data_dir
+        from vaecli.cache import default_data_dir
 
         return default_data_dir(data.name)
     return None
@@ -86,7 +86,7 @@ def load_dataset(
 
         return load_mnist_sample()
     if data.name == "folder":
-        from vaecli.data.cache import data_root
+        from vaecli.cache import data_root
         from vaecli.data.folder import load_folder
 
         return load_folder(directory, data.image_size, data.channels, cache_root=data_root(), on_decode=on_decode)
