@@ -24,6 +24,7 @@ from vaecli.train import TrainState, make_optimizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
+META_KEYS = ("format_version", "step", "epoch", "image_shape", "dataset", "preprocessing", "class_names", "config")
 # Checkpoints kept per run (the newest ones).
 KEEP_CHECKPOINTS = 3
 
@@ -79,26 +80,34 @@ def save_checkpoint(run_dir: Path, state: TrainState, epoch: int, config: Config
     return step
 
 
-def latest_step(run_dir: Path) -> int:
-    """The newest complete checkpoint's step, or CheckpointError saying what is missing."""
+def open_checkpoints(run_dir: Path) -> ocp.CheckpointManager:
+    """The run's checkpoint manager, or CheckpointError when the run or its checkpoints are missing."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; train one with: vae train --out {run_dir}")
-    checkpoint_dir = run_dir / CHECKPOINT_SUBDIR
-    step = _manager(run_dir, create=False).latest_step() if checkpoint_dir.is_dir() else None
+    if not (run_dir / CHECKPOINT_SUBDIR).is_dir():
+        raise no_checkpoint_error(run_dir)
+    return _manager(run_dir, create=False)
+
+
+def no_checkpoint_error(run_dir: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{run_dir} holds no checkpoint (no {CHECKPOINT_SUBDIR}/<step>); train into it with vae train --out {run_dir}"
+    )
+
+
+def latest_step(manager: ocp.CheckpointManager, run_dir: Path) -> int:
+    """The newest complete checkpoint's step."""
+    step = manager.latest_step()
     if step is None:
-        raise CheckpointError(
-            f"{run_dir} holds no checkpoint (no {CHECKPOINT_SUBDIR}/<step>); "
-            f"train into it with vae train --out {run_dir}"
-        )
+        raise no_checkpoint_error(run_dir)
     return step
 
 
-def read_meta(run_dir: Path, step: int) -> dict[str, Any]:
+def read_meta(manager: ocp.CheckpointManager, run_dir: Path, step: int) -> dict[str, Any]:
     """The JSON metadata of checkpoint `step`, checked for a format this version understands."""
     try:
-        with _manager(run_dir, create=False) as manager:
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as error:  # Orbax raises many types for a damaged directory
         raise CheckpointError(f"checkpoint {step} in {run_dir} cannot be read ({error}); train again") from error
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
@@ -107,26 +116,29 @@ def read_meta(run_dir: Path, step: int) -> dict[str, Any]:
             f"checkpoint {step} in {run_dir} has format version {found}, this vaecli reads {FORMAT_VERSION}; "
             "train again with this version"
         )
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {step} in {run_dir} lacks {', '.join(missing)} in its metadata; train again")
     return meta
 
 
 def load_run(run_dir: Path) -> LoadedRun:
     """Rebuild the newest checkpoint's model from its saved config and weights (no config file needed)."""
     run_dir = Path(run_dir)
-    step = latest_step(run_dir)
-    meta = read_meta(run_dir, step)
-    config = config_from_dict(meta["config"], source=f"{run_dir} checkpoint {step}")
-    image_shape = tuple(meta["image_shape"])
-    # eval_shape builds the model abstractly: shapes and dtypes to restore into, no random init.
-    abstract_model = nnx.eval_shape(lambda: build_model(config.model, image_shape, config.seed))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    try:
-        with _manager(run_dir, create=False) as manager:
+    with open_checkpoints(run_dir) as manager:
+        step = latest_step(manager, run_dir)
+        meta = read_meta(manager, run_dir, step)
+        config = config_from_dict(meta["config"], source=f"{run_dir} checkpoint {step}")
+        image_shape = tuple(meta["image_shape"])
+        # eval_shape builds the model abstractly: shapes and dtypes to restore into, no random init.
+        abstract_model = nnx.eval_shape(lambda: build_model(config.model, image_shape, config.seed))
+        graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        try:
             restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-    except Exception as error:
-        raise CheckpointError(
-            f"checkpoint {step} in {run_dir} does not match its saved config ({type(error).__name__}); train again"
-        ) from error
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {step} in {run_dir} does not match its saved config ({type(error).__name__}); train again"
+            ) from error
     model = nnx.merge(graphdef, restored.params)
     return LoadedRun(run_dir, config, model, step, meta["epoch"], image_shape, meta["dataset"], meta["preprocessing"])
 

@@ -14,6 +14,7 @@ import math
 import struct
 import warnings
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -343,6 +344,38 @@ def save_png(path: Path, pixels: np.ndarray) -> Path:
     return write_atomically(Path(path), write_png)
 
 
+# A fixed member timestamp: np.savez stamps the current time, which would make outputs differ.
+_NPZ_MEMBER_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def save_npz_streamed(
+    path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterable[np.ndarray]
+) -> Path:
+    """Write one array `name` of `shape` to an .npz from `chunks` along its first axis, atomically.
+
+    Only one chunk is in memory at a time, so the array may be larger than memory allows.
+    """
+    dtype = np.dtype(dtype)
+
+    def write_npz(handle: BinaryIO) -> None:
+        with (
+            zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED) as archive,
+            archive.open(
+                zipfile.ZipInfo(f"{name}.npy", date_time=_NPZ_MEMBER_DATE), mode="w", force_zip64=True
+            ) as member,
+        ):
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+            np.lib.format.write_array_header_2_0(member, header)
+            rows = 0
+            for chunk in chunks:
+                member.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+                rows += len(chunk)
+            if rows != shape[0]:
+                raise ValueError(f"save_npz_streamed: got {rows} rows for an array of {shape[0]}")
+
+    return write_atomically(Path(path), write_npz)
+
+
 def save_npz(path: Path, /, **arrays: np.ndarray) -> Path:
     """Write `arrays` by name to an uncompressed .npz at exactly `path`, atomically; same arrays, same bytes."""
 
@@ -350,7 +383,7 @@ def save_npz(path: Path, /, **arrays: np.ndarray) -> Path:
         # np.savez stamps each member with the current time; a fixed stamp keeps the output reproducible.
         with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED) as archive:
             for name, array in arrays.items():
-                member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                member = zipfile.ZipInfo(f"{name}.npy", date_time=_NPZ_MEMBER_DATE)
                 with archive.open(member, mode="w", force_zip64=True) as member_file:
                     np.lib.format.write_array(member_file, np.asarray(array), allow_pickle=False)
 

@@ -6,6 +6,7 @@ or batch size is used, and the same seed gives the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -17,9 +18,16 @@ from flax import nnx
 from vaecli.checkpoint import LoadedRun
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
-from vaecli.images import load_input_for_model, make_grid, reconstruction_figure, save_npz, save_png
+from vaecli.images import (
+    load_input_for_model,
+    make_grid,
+    reconstruction_figure,
+    save_npz,
+    save_npz_streamed,
+    save_png,
+)
 from vaecli.model import VAE
-from vaecli.train import images_to_pixels
+from vaecli.train import intensities
 
 # Images decoded per compiled call: bounds device memory for any --n.
 DECODE_BATCH_SIZE = 1024
@@ -38,8 +46,8 @@ def _decode_prior_batch(graphdef, params, seed_key, first_index, temperature, ba
     return jax.nn.sigmoid(model.decode(latents))
 
 
-def generate(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
-    """n images decoded from z ~ N(0, temperature^2 I): Bernoulli means, float32 [n, *image_shape]."""
+def generate_batches(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> Iterator[np.ndarray]:
+    """generate() a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]), for bounded memory."""
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     if not temperature > 0:
@@ -47,18 +55,21 @@ def generate(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> np.
     graphdef, params = nnx.split(model, nnx.Param)
     batch_size = min(n, DECODE_BATCH_SIZE)
     seed_key = jax.random.key(seed)
-    samples = np.empty((n, *model.image_shape), np.float32)
     for first in range(0, n, batch_size):
         means = _decode_prior_batch(graphdef, params, seed_key, first, temperature, batch_size)
         count = min(batch_size, n - first)
-        samples[first : first + count] = np.asarray(means[:count]).reshape(count, *model.image_shape)
-    return samples
+        yield np.asarray(means[:count]).reshape(count, *model.image_shape)
+
+
+def generate(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+    """n images decoded from z ~ N(0, temperature^2 I): Bernoulli means, float32 [n, *image_shape]."""
+    return np.concatenate(list(generate_batches(model, n, seed, temperature)))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "num_samples", "use_mean"))
 def _reconstruct_batch(graphdef, params, images_uint8, seed_key, first_index, num_samples, use_mean):
     model = nnx.merge(graphdef, params)
-    posterior_mean, posterior_log_variance = model.encode(images_to_pixels(images_uint8))
+    posterior_mean, posterior_log_variance = model.encode(intensities(images_uint8))
     if use_mean:
         latents = jnp.repeat(posterior_mean[:, None, :], num_samples, axis=1)
     else:
@@ -97,11 +108,14 @@ RECONSTRUCT_DEFAULT_COUNT = 16
 
 
 def save_prior_samples(out: Path, model: VAE, n: int, seed: int, temperature: float) -> Path:
-    """generate() and write a grid PNG, or an .npz holding `samples` [n, H, W] float32."""
-    samples = generate(model, n, seed, temperature)
+    """generate() and write a grid PNG, or an .npz holding `samples` [n, H, W] float32.
+
+    The .npz is written a batch at a time, so any --n fits in memory.
+    """
     if out.suffix.lower() == ".npz":
-        return save_npz(out, samples=samples)
-    return save_png(out, make_grid(samples))
+        batches = generate_batches(model, n, seed, temperature)
+        return save_npz_streamed(out, "samples", (n, *model.image_shape), np.float32, batches)
+    return save_png(out, make_grid(generate(model, n, seed, temperature)))
 
 
 def model_inputs(run: LoadedRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
