@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RUN := runs/demo
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Speed and memory figures for this machine (a table, and bench.json); not a test.
+bench: install
+	$(BIN)/python -m vaecli.bench --out bench.json
 
 lint: install
 	$(BIN)/ruff check .
