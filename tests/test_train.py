@@ -231,3 +231,19 @@ def test_a_checkpoint_with_incomplete_metadata_is_a_clear_error(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="lacks preprocessing in its metadata"):
         load_run(tmp_path)
+
+
+def test_training_and_validation_compile_once_for_any_number_of_epochs(caplog):
+    """Three epochs whose last chunk is partial, validation with a padded last batch: one compilation each."""
+    import logging
+
+    # 500 validation images: batches of 500, so no padding; 1,100 gives a full batch and a padded one.
+    dataset = dataclasses.replace(
+        tiny_dataset(train_count=288), val_images=load_dataset(DataConfig()).split("train")[:1100]
+    )
+    config = small_config(model={"hidden": [32], "latent_dim": 4}, train={"epochs": 3, "batch_size": 32})
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        train(config, dataset)
+    compiled = [record.getMessage() for record in caplog.records if "Finished XLA compilation" in record.getMessage()]
+    assert sum("jit(chunk)" in message for message in compiled) == 1, compiled
+    assert sum("jit(totals)" in message for message in compiled) == 1, compiled
