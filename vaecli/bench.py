@@ -275,7 +275,7 @@ def print_table(figures: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the figures as JSON")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per training figure (after one warm-up)")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per training figure (after one warm-up)")
     arguments = parser.parse_args()
 
     figures: dict = {

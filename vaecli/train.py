@@ -150,8 +150,10 @@ def init_train_state(config: Config, image_shape: tuple[int, ...]) -> tuple[nnx.
     return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32))
 
 
-def make_train_chunk(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int) -> Callable:
-    """The jitted update, STEPS_PER_CHUNK at a time: gather each batch on the device, loss, gradient, Adam.
+def make_train_chunk(
+    graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int, steps_per_chunk: int = STEPS_PER_CHUNK
+) -> Callable:
+    """The jitted update, K = steps_per_chunk at a time: gather each batch on the device, loss, gradient, Adam.
 
     chunk(state, train_images, epoch_batches, first_step) runs steps first_step .. first_step + K - 1
     of the epoch (epoch_batches: [steps rounded up to K, batch] indices); steps past the epoch's end
@@ -181,7 +183,7 @@ def make_train_chunk(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: in
             batch_indices = jax.lax.dynamic_index_in_dim(epoch_batches, step_in_epoch, keepdims=False)
             return jax.lax.cond(step_in_epoch < steps_per_epoch, update, skip, state, train_images[batch_indices])
 
-        return jax.lax.scan(one_step, state, jnp.arange(STEPS_PER_CHUNK))
+        return jax.lax.scan(one_step, state, jnp.arange(steps_per_chunk))
 
     # The old state is donated: its buffers are reused for the new one instead of copied.
     return jax.jit(chunk, donate_argnums=0)
@@ -195,9 +197,9 @@ def epoch_batch_indices(seed: int, epoch: int, num_images: int, batch_size: int)
     return permutation[: steps * batch_size].reshape(steps, batch_size)
 
 
-def padded_to_chunks(epoch_batches: jax.Array) -> jax.Array:
+def padded_to_chunks(epoch_batches: jax.Array, steps_per_chunk: int) -> jax.Array:
     """The epoch's batch indices with rows of zeros appended up to a whole number of chunks."""
-    missing = -epoch_batches.shape[0] % STEPS_PER_CHUNK
+    missing = -epoch_batches.shape[0] % steps_per_chunk
     return jnp.pad(epoch_batches, ((0, missing), (0, 0)))
 
 
@@ -278,15 +280,17 @@ def train(
     graphdef, state = init_train_state(config, dataset.image_shape)
     batch_size = config.train.batch_size
     steps_per_epoch = len(dataset.train_images) // batch_size
-    train_chunk = make_train_chunk(graphdef, config, steps_per_epoch)
+    steps_per_chunk = STEPS_PER_CHUNK
+    train_chunk = make_train_chunk(graphdef, config, steps_per_epoch, steps_per_chunk)
     evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
 
     # ---- the loop ---------------------------------------------------------------------------------
     for epoch in range(1, config.train.epochs + 1):
-        epoch_batches = padded_to_chunks(epoch_batch_indices(config.seed, epoch, len(dataset.train_images), batch_size))
+        epoch_order = epoch_batch_indices(config.seed, epoch, len(dataset.train_images), batch_size)
+        epoch_batches = padded_to_chunks(epoch_order, steps_per_chunk)
         started = time.perf_counter()
         chunk_losses = []
-        for first_step in range(0, steps_per_epoch, STEPS_PER_CHUNK):
+        for first_step in range(0, steps_per_epoch, steps_per_chunk):
             state, losses = train_chunk(state, train_images, epoch_batches, first_step)
             if on_progress and chunk_losses:
                 # Reading the previous chunk's losses waits only for that chunk; this one is queued.
