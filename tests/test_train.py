@@ -42,8 +42,8 @@ def test_same_seed_gives_the_same_weights_with_or_without_progress_reports(monke
     monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3 and 2 (+1 skipped)
     config, dataset = small_config(**TINY), tiny_dataset()
     reports, epochs = [], []
-    _, watched = train(config, dataset, on_progress=reports.append, on_epoch_end=epochs.append)
-    _, unwatched = train(config, dataset)
+    watched = train(config, dataset, on_progress=reports.append, on_epoch_end=epochs.append).state
+    unwatched = train(config, dataset).state
 
     assert_trees_equal(watched.params, unwatched.params)
     assert int(watched.step) == 2 * (256 // 32)  # the skipped step of each last chunk did not count
@@ -56,9 +56,9 @@ def test_same_seed_gives_the_same_weights_with_or_without_progress_reports(monke
 
 def test_chunk_length_does_not_change_the_result(monkeypatch):
     config, dataset = small_config(**TINY), tiny_dataset()
-    _, one_chunk_per_epoch = train(config, dataset)  # 8 steps < STEPS_PER_CHUNK
+    one_chunk_per_epoch = train(config, dataset).state  # 8 steps < STEPS_PER_CHUNK
     monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)
-    _, three_chunks_per_epoch = train(config, dataset)
+    three_chunks_per_epoch = train(config, dataset).state
     for left, right in zip(leaves(one_chunk_per_epoch.params), leaves(three_chunks_per_epoch.params), strict=True):
         np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-6)
     assert int(one_chunk_per_epoch.step) == int(three_chunks_per_epoch.step) == 16
@@ -66,8 +66,8 @@ def test_chunk_length_does_not_change_the_result(monkeypatch):
 
 def test_a_different_seed_gives_different_weights():
     dataset = tiny_dataset()
-    _, first = train(small_config(**TINY), dataset)
-    _, second = train(small_config(seed=1, **TINY), dataset)
+    first = train(small_config(**TINY), dataset).state
+    second = train(small_config(seed=1, **TINY), dataset).state
     assert not np.array_equal(leaves(first.params)[0], leaves(second.params)[0])
 
 
@@ -96,7 +96,7 @@ def test_training_lowers_the_validation_loss(trained_run_dir):
 
 def test_checkpoint_round_trips_weights_optimizer_state_and_config(tmp_path):
     config = small_config(**TINY)
-    _, state = train(config, tiny_dataset())
+    state = train(config, tiny_dataset()).state
     save_checkpoint(tmp_path, state, 2, config, tiny_dataset())
 
     loaded = load_run(tmp_path)
@@ -184,7 +184,7 @@ def test_static_binarization_is_one_fixed_draw_per_split():
 
 
 def test_static_binarization_trains():
-    _, state = train(small_config(data={"binarize": "static"}, **TINY), tiny_dataset())
+    state = train(small_config(data={"binarize": "static"}, **TINY), tiny_dataset()).state
     assert all(np.isfinite(leaf).all() for leaf in leaves(state.params))
 
 
@@ -223,7 +223,7 @@ def test_a_checkpoint_with_incomplete_metadata_is_a_clear_error(tmp_path):
     import json
 
     config = small_config(**TINY)
-    _, state = train(config, tiny_dataset())
+    state = train(config, tiny_dataset()).state
     save_checkpoint(tmp_path, state, 2, config, tiny_dataset())
     meta_file = tmp_path / "checkpoints" / "16" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())

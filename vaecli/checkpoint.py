@@ -8,25 +8,33 @@ that looks finished. `meta` holds what is needed to rebuild the model with no co
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import checkpoint_managers as cm
 
 from vaecli.config import Config, config_from_dict
 from vaecli.data import Dataset
 from vaecli.errors import CheckpointError
 from vaecli.model import VAE, build_model
-from vaecli.train import TrainState, make_optimizer
+from vaecli.train import PRNG_IMPL, TrainState, make_optimizer, root_key
 
 CHECKPOINT_SUBDIR = "checkpoints"
-FORMAT_VERSION = 1
-META_KEYS = ("format_version", "step", "epoch", "image_shape", "dataset", "preprocessing", "class_names", "config")
-# Checkpoints kept per run (the newest ones).
-KEEP_CHECKPOINTS = 3
+# 2: keeps the best by validation loss, records the PRNG key, the training-set size and whether the
+# epoch was finished (an interrupted run saves mid-epoch).
+FORMAT_VERSION = 2
+META_KEYS = (
+    "format_version", "step", "epoch", "epoch_finished", "train_images", "image_shape", "dataset",
+    "preprocessing", "class_names", "rng_key", "prng_impl", "config",
+)  # fmt: skip
+# Orbax stores a checkpoint's metrics beside it; this one ranks them.
+RANKING_METRIC = "val_loss"
 
 # Orbax logs routine progress at INFO/WARNING through absl; the CLI reports what matters itself.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -46,27 +54,56 @@ class LoadedRun:
     preprocessing: str  # how a user's picture becomes input: see Dataset.preprocessing
 
 
-def _manager(run_dir: Path, create: bool) -> ocp.CheckpointManager:
+def _manager(run_dir: Path, create: bool, keep: int = 3) -> ocp.CheckpointManager:
+    """The run's Orbax manager: keeps the newest `keep` checkpoints plus the best by validation loss."""
+    policy = cm.AnyPreservationPolicy(
+        policies=[
+            cm.LatestN(n=keep),
+            cm.BestN(get_metric_fn=lambda metrics: metrics[RANKING_METRIC], reverse=True, n=1),
+        ]
+    )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=KEEP_CHECKPOINTS, create=create, enable_async_checkpointing=False
+        create=create,
+        enable_async_checkpointing=False,
+        best_fn=lambda metrics: metrics[RANKING_METRIC],
+        best_mode="min",
+        preservation_policy=policy,
+        cleanup_tmp_directories=True,  # what a killed save left behind
     )
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_SUBDIR, options=options)
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, epoch: int, config: Config, dataset: Dataset) -> int:
-    """Write the state of `epoch` as checkpoint number state.step; returns that step."""
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainState,
+    epoch: int,
+    config: Config,
+    dataset: Dataset,
+    val_loss: float | None = None,
+    epoch_finished: bool = True,
+) -> int:
+    """Write `state` (reached in `epoch`) as checkpoint number state.step; returns that step.
+
+    val_loss ranks it for `--checkpoint best`; a mid-epoch checkpoint (an interrupted run) has none.
+    """
     step = int(state.step)
     meta = {
         "format_version": FORMAT_VERSION,
         "step": step,
         "epoch": epoch,
+        "epoch_finished": epoch_finished,
+        "train_images": len(dataset.train_images),
         "image_shape": list(dataset.image_shape),
         "dataset": dataset.name,
         "preprocessing": dataset.preprocessing,
         "class_names": list(dataset.class_names),
+        "rng_key": np.asarray(jax.random.key_data(root_key(config.seed))).tolist(),
+        "prng_impl": PRNG_IMPL,
         "config": config.to_dict(),
     }
-    with _manager(run_dir, create=True) as manager:
+    # JSON has no NaN or infinity; a non-finite validation loss ranks last.
+    metrics = None if val_loss is None else {RANKING_METRIC: val_loss if math.isfinite(val_loss) else 1e30}
+    with _manager(run_dir, create=True, keep=config.train.keep_checkpoints) as manager:
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -74,6 +111,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, epoch: int, config: Config
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta),
             ),
+            metrics=metrics,
             force=True,
         )
         manager.wait_until_finished()
@@ -96,11 +134,20 @@ def no_checkpoint_error(run_dir: Path) -> CheckpointError:
     )
 
 
-def latest_step(manager: ocp.CheckpointManager, run_dir: Path) -> int:
-    """The newest complete checkpoint's step."""
-    step = manager.latest_step()
-    if step is None:
+def choose_step(manager: ocp.CheckpointManager, run_dir: Path, which: str | int = "best") -> int:
+    """The step of checkpoint `which`: "best" (lowest validation loss), "latest", or a step number."""
+    steps = manager.all_steps()
+    if not steps:
         raise no_checkpoint_error(run_dir)
+    if which == "latest":
+        return max(steps)
+    if which == "best":
+        best = manager.best_step()
+        return best if best is not None else max(steps)
+    step = int(which) if str(which).isdigit() else None
+    if step not in steps:
+        listed = ", ".join(str(kept) for kept in sorted(steps))
+        raise CheckpointError(f"--checkpoint {which}: {run_dir} has checkpoints {listed}; give one, latest or best")
     return step
 
 
@@ -122,11 +169,11 @@ def read_meta(manager: ocp.CheckpointManager, run_dir: Path, step: int) -> dict[
     return meta
 
 
-def load_run(run_dir: Path) -> LoadedRun:
-    """Rebuild the newest checkpoint's model from its saved config and weights (no config file needed)."""
+def load_run(run_dir: Path, which: str | int = "best") -> LoadedRun:
+    """Rebuild checkpoint `which`'s model (best, latest or a step) from its saved config and weights."""
     run_dir = Path(run_dir)
     with open_checkpoints(run_dir) as manager:
-        step = latest_step(manager, run_dir)
+        step = choose_step(manager, run_dir, which)
         meta = read_meta(manager, run_dir, step)
         config = config_from_dict(meta["config"], source=f"{run_dir} checkpoint {step}")
         image_shape = tuple(meta["image_shape"])
@@ -143,17 +190,29 @@ def load_run(run_dir: Path) -> LoadedRun:
     return LoadedRun(run_dir, config, model, step, meta["epoch"], image_shape, meta["dataset"], meta["preprocessing"])
 
 
+def read_latest_meta(run_dir: Path) -> dict[str, Any]:
+    """The metadata of the run's newest checkpoint (where a resumed run continues from)."""
+    with open_checkpoints(run_dir) as manager:
+        return read_meta(manager, run_dir, choose_step(manager, run_dir, "latest"))
+
+
 def load_train_state(run_dir: Path, step: int, config: Config, image_shape: tuple[int, ...]) -> TrainState:
     """Restore weights, optimizer state and step of checkpoint `step` (for continuing training)."""
     abstract_model = nnx.eval_shape(lambda: build_model(config.model, image_shape, config.seed))
     _, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_opt_state = jax.eval_shape(make_optimizer(config).init, abstract_params)
-    with _manager(run_dir, create=False) as manager:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            ),
-        )
+    try:
+        with _manager(run_dir, create=False) as manager:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                ),
+            )
+    except Exception as error:  # Orbax raises many types for a damaged or mismatched checkpoint
+        raise CheckpointError(
+            f"checkpoint {step} in {run_dir} does not match its saved config ({type(error).__name__}); "
+            "start a new run with --out"
+        ) from error
     return TrainState(restored.params, restored.opt_state, jax.numpy.asarray(step, jax.numpy.int32))

@@ -5,7 +5,9 @@ Heavy modules (JAX, Flax, Orbax) are imported inside the commands, so `vae --hel
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -57,50 +59,115 @@ def check_outputs(out: Path, count_option: str, count: int) -> None:
         raise UsageError(f"{count_option} must be at least 1, got {count}")
 
 
-def open_run(run: Path | None):
-    """The run named by --run, or the newest one under ./runs."""
+CheckpointOption = Annotated[
+    str, typer.Option("--checkpoint", help="Which checkpoint: best (lowest validation loss), latest, or a step.")
+]
+
+
+def open_run(run: Path | None, checkpoint: str = "best"):
+    """The run named by --run (or the newest one under ./runs), at the chosen checkpoint."""
     from vaecli.checkpoint import load_run
     from vaecli.run import latest_run_dir
 
-    return load_run(run or latest_run_dir())
+    if checkpoint not in ("best", "latest") and not checkpoint.isdigit():
+        raise UsageError(f"--checkpoint {checkpoint!r}: give best, latest or a step number")
+    return load_run(run or latest_run_dir(), checkpoint)
+
+
+class StopRequests:
+    """First Ctrl-C (or SIGTERM): finish the current steps, save a checkpoint, stop. Second: leave at once.
+
+    Leaving at once corrupts nothing: every file and checkpoint is written aside and renamed into place.
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    def handle(self, signal_number: int, frame) -> None:
+        if self.signal_number is not None:
+            error_console.print("[red]stopped at once[/red]; the last checkpoint is intact")
+            exit_now(128 + signal_number)
+        self.signal_number = signal_number
+        error_console.print(
+            "[yellow]stopping after the current steps and saving a checkpoint[/yellow] (press Ctrl-C again to quit now)"
+        )
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 @app.command()
 @reports_errors
 def train(
     config: Annotated[
-        str, typer.Option("--config", "-c", help="YAML config: a path, or a shipped name (mnist, mnist-sample).")
-    ],
+        str | None,
+        typer.Option("--config", "-c", help="YAML config: a path, or a shipped name (mnist, mnist-sample, ...)."),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable; values are YAML)."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory [default: runs/<config name>].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue RUN_DIR from its newest checkpoint with its saved config."),
+    ] = None,
 ) -> None:
-    """Fit a VAE: z ~ q(z|x) by reparameterization, loss = -ELBO; writes checkpoints, metrics and pictures."""
+    """Fit a VAE: z ~ q(z|x) by reparameterization, loss = -ELBO; writes checkpoints, metrics and pictures.
+
+    Ctrl-C stops after the current steps and saves a checkpoint; vae train --resume RUN_DIR goes on
+    from it (--set train.epochs=N to train longer).
+    """
+    if resume is not None and (config is not None or out is not None or overwrite):
+        raise UsageError(
+            "--resume continues a run in place with its saved config; drop --config, --out and --overwrite"
+        )
+    if resume is None and config is None:
+        raise UsageError("give --config CONFIG to start a run, or --resume RUN_DIR to continue one")
     from vaecli.config import load_config
 
-    resolved = load_config(config, overrides or [])
+    resolved = load_config(config, overrides or []) if config is not None else None
     enable_compilation_cache()
-    from vaecli.run import default_run_dir, train_run
+    from vaecli.run import RunHooks, default_run_dir, resume_run, train_run
 
-    run_dir = out or default_run_dir(config)
-    console.print(
-        f"training on [bold]{resolved.data.name}[/bold] for {resolved.train.epochs} epochs "
-        f"(model {resolved.model.arch} {list(resolved.model.hidden)} -> z{resolved.model.latent_dim}) into {run_dir}"
-    )
-    with TrainingDisplay(console, resolved.train.epochs) as display:
-        train_run(
-            resolved,
-            run_dir,
-            overwrite,
+    stops = StopRequests()
+    with stops.installed(), TrainingDisplay(console) as display:
+        hooks = RunHooks(
             on_progress=display.on_progress,
             on_epoch_end=display.on_epoch_end,
             on_download=display.on_download,
             on_decode=display.on_decode,
             on_notice=display.on_notice,
+            should_stop=stops.requested,
         )
+        if resolved is None:
+            console.print(f"resuming {resume}")
+            result = resume_run(resume, overrides or [], hooks)
+        else:
+            run_dir = out or default_run_dir(config)
+            console.print(
+                f"training on [bold]{resolved.data.name}[/bold] for {resolved.train.epochs} epochs (model "
+                f"{resolved.model.arch} {list(resolved.model.hidden)} -> z{resolved.model.latent_dim}) into {run_dir}"
+            )
+            result = train_run(resolved, run_dir, overwrite, hooks)
+    if result.stopped_at_step is not None:
+        error_console.print(
+            f"stopped at step {result.stopped_at_step}; checkpoint saved in {result.run_dir}; "
+            f"resume with: vae train --resume {result.run_dir}",
+            highlight=False,
+        )
+        raise typer.Exit(128 + (stops.signal_number or signal.SIGINT))
+    run_dir = result.run_dir
     console.print(f"done: {run_dir} (try: vae generate --run {run_dir}  or  vae reconstruct --run {run_dir})")
 
 
@@ -108,6 +175,7 @@ def train(
 @reports_errors
 def generate(
     run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
     out: Annotated[Path, typer.Option("--out", help="Output: a .png grid, or .npz with array 'samples'.")] = Path(
         "grid.png"
@@ -120,7 +188,7 @@ def generate(
     enable_compilation_cache()
     from vaecli.sample import save_prior_samples
 
-    loaded = open_run(run)
+    loaded = open_run(run, checkpoint)
     save_prior_samples(out, loaded.model, n, seed, temperature)
     console.print(
         f"wrote {out}: {n} samples from the prior z ~ N(0, {temperature:g}^2 I), "
@@ -135,6 +203,7 @@ def reconstruct(
         list[Path] | None, typer.Argument(help="Image files (any format Pillow reads) [default: 16 test images].")
     ] = None,
     run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
     out: Annotated[
         Path, typer.Option("--out", help="Output: a .png figure, or .npz with 'inputs' and 'reconstructions'.")
     ] = Path("recon.png"),
@@ -149,19 +218,44 @@ def reconstruct(
     enable_compilation_cache()
     from vaecli.sample import save_reconstructions
 
-    loaded = open_run(run)
+    loaded = open_run(run, checkpoint)
     source = save_reconstructions(out, loaded, inputs or [], samples, seed, mean)
     how = "the posterior mean" if mean else f"{samples} draws of z ~ q(z|x)"
     console.print(f"wrote {out}: {source}, each decoded from {how}, run {loaded.run_dir} step {loaded.step}")
 
 
+@app.command()
+@reports_errors
+def evaluate(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    split: Annotated[
+        str, typer.Option("--split", help="Which split of the run's dataset: test, val or train.")
+    ] = "test",
+) -> None:
+    """The negative ELBO (nats per image) of a trained model on a split of its dataset: an upper bound on -log p(x)."""
+    if split not in ("test", "val", "train"):
+        raise UsageError(f"--split {split!r}: choose test, val or train")
+    enable_compilation_cache()
+    from vaecli.sample import evaluate_split
+
+    loaded = open_run(run, checkpoint)
+    result = evaluate_split(loaded, split)
+    console.print(
+        f"{loaded.dataset_name} {split} split, {result['images']} images, {loaded.run_dir} step {loaded.step}: "
+        f"ELBO {result['elbo']:.2f} nats per image (reconstruction {result['recon']:.2f} + KL {result['kl']:.2f}; "
+        f"binarization {loaded.config.data.binarize}, one posterior sample per image)",
+        highlight=False,
+    )
+
+
 class TrainingDisplay:
     """Rich rendering of the library's callbacks: downloads, decoding, a bar per epoch, a line per epoch."""
 
-    def __init__(self, output: Console, epochs: int):
+    def __init__(self, output: Console):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.epochs = epochs
+        self.epochs = 0  # the run's total, learnt from the first progress report
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -201,6 +295,7 @@ class TrainingDisplay:
         self.progress.console.print(f"[yellow]note:[/yellow] {notice}", highlight=False)
 
     def on_progress(self, report) -> None:
+        self.epochs = report.epochs
         detail = (
             f"{report.steps_done}/{report.steps_per_epoch}  loss {report.train_loss:.2f}  "
             f"{report.images_per_second:,.0f} img/s"

@@ -102,6 +102,13 @@ class TrainConfig(_Section):
     # 128 is the batch size of the reference VAE experiments; larger batches run faster per image.
     batch_size: Annotated[int, Field(gt=0, le=65536)] = 128
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    # Gradients whose global norm exceeds this are scaled down to it; null: no clipping.
+    clip_norm: Annotated[float, Field(gt=0)] | None = None
+    # A step whose loss or gradient is not finite: false stops the run (the last checkpoint is
+    # untouched); true skips that update and counts it in metrics.jsonl (skipped_steps).
+    skip_nonfinite: bool = False
+    # Checkpoints kept: the newest keep_checkpoints, plus the best by validation ELBO.
+    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 3
 
 
 class Config(_Section):
@@ -232,7 +239,7 @@ def _describe_unknown_key(location: list[str]) -> str:
     section = _section_class(parent) or Config
     allowed = list(section.model_fields)
     prefix = ".".join([*parent, ""])
-    closest = difflib.get_close_matches(unknown, allowed, n=1, cutoff=0.5)
+    closest = difflib.get_close_matches(unknown, allowed, n=1, cutoff=0.6)
     hint = f"did you mean {prefix}{closest[0]}? " if closest else ""
     return f"unknown key {prefix}{unknown}; {hint}allowed: {', '.join(prefix + name for name in allowed)}"
 

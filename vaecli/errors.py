@@ -25,6 +25,10 @@ class CheckpointError(VaeError):
     """A run directory is missing, has no checkpoint, or holds an unusable one."""
 
 
+class TrainingError(VaeError):
+    """Training could not go on (for example the loss became NaN); the message says what to change."""
+
+
 class OutputError(VaeError):
     """An output file or directory cannot be written."""
 

@@ -115,6 +115,9 @@ def _read_upright_picture(path: Path, draft_size: int | None = None) -> Image.Im
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; refuse those files too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns about damage it reads past (e.g. "Corrupt EXIF data"): the file is then either
+            # decoded or refused below with one ImageError, so its warning would only be stray stderr lines.
+            warnings.simplefilter("ignore", UserWarning)
             with Image.open(path) as opened:
                 if draft_size is not None:
                     # JPEG only (others ignore it): decoding a big photo at 1/2..1/8 scale is far faster.

@@ -13,20 +13,21 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vaecli.checkpoint import CHECKPOINT_SUBDIR, save_checkpoint
-from vaecli.config import Config, config_to_yaml
-from vaecli.data import load_dataset, resolved_data_dir
+from vaecli.checkpoint import CHECKPOINT_SUBDIR, load_train_state, read_latest_meta, save_checkpoint
+from vaecli.config import Config, apply_override, config_from_dict, config_to_yaml, validate_config
+from vaecli.data import Dataset, load_dataset, resolved_data_dir
 from vaecli.data.download import DownloadProgress
-from vaecli.errors import CheckpointError, OutputError
+from vaecli.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
 from vaecli.model import VAE
 from vaecli.sample import generate, reconstruct
-from vaecli.train import EpochResult, StepProgress, check_trainable, train
+from vaecli.train import EpochResult, NonFiniteLoss, StepProgress, TrainState, check_trainable, train
 
 RUNS_ROOT = Path("runs")
 # Fixed seeds for the per-epoch pictures, so the same z is decoded every epoch and progress shows.
@@ -89,32 +90,157 @@ def with_data_dir_recorded(config: Config) -> Config:
     return config.model_copy(update={"data": config.data.model_copy(update={"dir": str(directory)})})
 
 
-def train_run(
-    config: Config,
-    run_dir: Path,
-    overwrite: bool = False,
-    on_progress: Callable[[StepProgress], None] | None = None,
-    on_epoch_end: Callable[[dict], None] | None = None,
-    on_download: Callable[[DownloadProgress], None] | None = None,
-    on_decode: Callable[[int, int], None] | None = None,
-    on_notice: Callable[[str], None] | None = None,
-) -> Path:
-    """Load the data, train, and after each epoch write checkpoint, metrics and pictures to run_dir."""
-    dataset = load_dataset(config.data, on_download=on_download, on_decode=on_decode)
+@dataclass(frozen=True)
+class RunHooks:
+    """How a training run talks to its caller (the CLI): progress, results, notices, stop requests."""
+
+    on_progress: Callable[[StepProgress], None] | None = None
+    on_epoch_end: Callable[[dict], None] | None = None
+    on_download: Callable[[DownloadProgress], None] | None = None
+    on_decode: Callable[[int, int], None] | None = None
+    on_notice: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a run is, and the step it was stopped at by a stop request (None when it finished)."""
+
+    run_dir: Path
+    stopped_at_step: int | None = None
+
+
+def load_run_data(config: Config, hooks: RunHooks) -> Dataset:
+    """The run's dataset, passing download and decoding progress and notices to the hooks."""
+    dataset = load_dataset(config.data, on_download=hooks.on_download, on_decode=hooks.on_decode)
     for notice in dataset.notices:
-        if on_notice:
-            on_notice(notice)
-    check_trainable(config, dataset)  # before the run directory is touched
+        if hooks.on_notice:
+            hooks.on_notice(notice)
+    check_trainable(config, dataset)
+    return dataset
+
+
+def train_run(config: Config, run_dir: Path, overwrite: bool = False, hooks: RunHooks = RunHooks()) -> RunResult:
+    """Start a run: load the data, then train, writing metrics, pictures and a checkpoint every epoch."""
+    dataset = load_run_data(config, hooks)  # before the run directory is touched
     config = with_data_dir_recorded(config)
     run_dir = prepare_run_dir(run_dir, overwrite)
     write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
+    return continue_training(config, dataset, Path(run_dir), None, hooks)
+
+
+# Settings a resumed run may change: neither alters the trajectory of the weights.
+RESUMABLE_CHANGES = ("train.epochs", "train.keep_checkpoints")
+
+
+def resumed_config(saved: Config, overrides: list[str], run_dir: Path) -> Config:
+    """The saved config with `overrides` applied, refusing any change that would alter the training."""
+    raw = saved.to_dict()
+    for override in overrides:
+        apply_override(raw, override)
+    config = validate_config(raw, source=f"--resume {run_dir}")
+    before, after = flatten(saved.to_dict()), flatten(config.to_dict())
+    for key in sorted(before):
+        if before[key] != after[key] and key not in RESUMABLE_CHANGES:
+            raise ConfigError(
+                f"--resume continues {run_dir} as it was trained: {key} cannot change (saved {before[key]!r}, "
+                f"asked {after[key]!r}); only {', '.join(RESUMABLE_CHANGES)} may; start a new run with --out"
+            )
+    return config
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_run(run_dir: Path, overrides: list[str] | None = None, hooks: RunHooks = RunHooks()) -> RunResult:
+    """Continue a run from its newest checkpoint, with its saved config: the weights come out as if never stopped."""
+    run_dir = Path(run_dir)
+    meta = read_latest_meta(run_dir)
+    config = resumed_config(config_from_dict(meta["config"], f"{run_dir} checkpoint"), overrides or [], run_dir)
+    completed_epochs = meta["epoch"] if meta["epoch_finished"] else meta["epoch"] - 1
+    if completed_epochs >= config.train.epochs:
+        raise ConfigError(
+            f"{run_dir} has already trained {completed_epochs} epochs (train.epochs is {config.train.epochs}); "
+            f"to go on, raise it: vae train --resume {run_dir} --set train.epochs={completed_epochs + 10}"
+        )
+    dataset = load_run_data(config, hooks)
+    check_same_data(run_dir, meta, dataset)
+    state = load_train_state(run_dir, meta["step"], config, dataset.image_shape)
+    keep_metrics_up_to(run_dir, completed_epochs)
+    write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
+    return continue_training(config, dataset, run_dir, state, hooks)
+
+
+def check_same_data(run_dir: Path, meta: dict, dataset: Dataset) -> None:
+    """Refuse to resume on data of another shape or size: the run could not continue exactly."""
+    if tuple(meta["image_shape"]) != dataset.image_shape:
+        raise CheckpointError(
+            f"{run_dir} was trained on images of shape {tuple(meta['image_shape'])}, but {dataset.name} now gives "
+            f"{dataset.image_shape}; start a new run with --out"
+        )
+    if meta["train_images"] != len(dataset.train_images):
+        raise CheckpointError(
+            f"{run_dir} was trained on {meta['train_images']} training images, but {dataset.name} now has "
+            f"{len(dataset.train_images)}; resuming would not continue the same run; start a new run with --out"
+        )
+
+
+def keep_metrics_up_to(run_dir: Path, completed_epochs: int) -> None:
+    """Drop metrics.jsonl lines of epochs after the checkpoint (a run killed after writing them)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= completed_epochs]
+    if len(kept) != len(lines):
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def continue_training(
+    config: Config, dataset: Dataset, run_dir: Path, start: TrainState | None, hooks: RunHooks
+) -> RunResult:
+    """Train from `start` (None: from scratch), recording each epoch; save a checkpoint where a stop request lands."""
+    saved_steps: list[int] = []
 
     def record_epoch(result: EpochResult) -> None:
-        save_checkpoint(run_dir, result.state, result.epoch, config, dataset)
+        # Metrics and pictures first: a run killed in between has them for every checkpointed epoch,
+        # and resuming drops what belongs to epochs after its checkpoint.
         append_metrics(run_dir, result.metrics)
         write_epoch_pictures(run_dir, result.model(), dataset.val_images, result.epoch)
-        if on_epoch_end:
-            on_epoch_end(result.metrics)
+        saved_steps.append(
+            save_checkpoint(run_dir, result.state, result.epoch, config, dataset, result.metrics["val_loss"])
+        )
+        if hooks.on_epoch_end:
+            hooks.on_epoch_end(result.metrics)
 
-    train(config, dataset, on_progress=on_progress, on_epoch_end=record_epoch)
-    return run_dir
+    try:
+        outcome = train(config, dataset, hooks.on_progress, record_epoch, start, hooks.should_stop)
+    except NonFiniteLoss as error:
+        raise TrainingError(diverged_message(error, run_dir)) from error
+    if outcome.stopped_in_epoch is None:
+        return RunResult(run_dir)
+    step = int(outcome.state.step)
+    if step not in saved_steps:
+        save_checkpoint(run_dir, outcome.state, outcome.stopped_in_epoch, config, dataset, epoch_finished=False)
+    return RunResult(run_dir, step)
+
+
+def diverged_message(error: NonFiniteLoss, run_dir: Path) -> str:
+    """What went wrong, which checkpoint is still good, and what to change."""
+    try:
+        meta = read_latest_meta(run_dir)
+        good = f"the last good checkpoint is step {meta['step']} (epoch {meta['epoch']}) in {run_dir}"
+    except CheckpointError:
+        good = "no checkpoint had been written yet"
+    return (
+        f"training stopped: {error}; {good}; lower train.learning_rate, set train.clip_norm, "
+        "or set train.skip_nonfinite: true to skip such steps"
+    )

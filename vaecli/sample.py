@@ -27,7 +27,7 @@ from vaecli.images import (
     save_png,
 )
 from vaecli.model import VAE
-from vaecli.train import intensities
+from vaecli.train import device_split, intensities, make_evaluator
 
 # Images decoded per compiled call: bounds device memory for any --n.
 DECODE_BATCH_SIZE = 1024
@@ -139,3 +139,23 @@ def save_reconstructions(
     else:
         save_png(out, reconstruction_figure(inputs, reconstructions))
     return source
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+SPLIT_NUMBERS = {"train": 0, "val": 1, "test": 2}
+
+
+def evaluate_split(run: LoadedRun, split: str = "test") -> dict[str, float | int | str]:
+    """Negative ELBO and its terms, nats per image, of a run's model on one split of its dataset.
+
+    The same estimator as training's validation: one posterior sample per image, fixed noise, and
+    the run's binarization protocol (so dynamic-binarization numbers compare with published ones).
+    """
+    images = load_dataset(run.config.data).split(split)
+    if len(images) == 0:
+        raise UsageError(f"the {split} split of {run.dataset_name} is empty; choose another --split")
+    graphdef, params = nnx.split(run.model, nnx.Param)
+    device_images = device_split(run.config, images, SPLIT_NUMBERS[split])
+    loss, reconstruction, kl = make_evaluator(graphdef, run.config, len(images))(params, device_images)
+    return {"split": split, "images": len(images), "loss": loss, "elbo": -loss, "recon": reconstruction, "kl": kl}

@@ -43,6 +43,8 @@ STEPS_PER_CHUNK = 64
 # Philox (one of JAX's own PRNG implementations) draws bits about 4x faster than the default
 # threefry on a CPU, and dynamic binarization draws one number per pixel per step.
 PRNG_IMPL = "philox2x32"
+# apply_if_finite applies a non-finite update anyway after this many in a row; we never want that.
+NEVER_GIVE_UP = 2**31 - 1
 
 
 class TrainState(NamedTuple):
@@ -58,6 +60,7 @@ class StepProgress:
     """A progress report, sent every few steps without stalling the device."""
 
     epoch: int
+    epochs: int  # the run's total, config.train.epochs
     steps_done: int  # within this epoch
     steps_per_epoch: int
     train_loss: float  # mean negative ELBO of a recent step, nats per image
@@ -138,8 +141,17 @@ def negative_elbo(model: VAE, images_uint8: jax.Array, key: jax.Array, binarize:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """Adam at the configured learning rate."""
-    return optax.adam(config.train.learning_rate)
+    """Adam at the configured learning rate, after global-norm clipping when train.clip_norm is set.
+
+    With train.skip_nonfinite, optax's apply_if_finite leaves the state untouched on a step whose
+    update is not finite (and counts it), instead of letting one NaN poison every weight.
+    """
+    optimizer = optax.adam(config.train.learning_rate)
+    if config.train.clip_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(config.train.clip_norm), optimizer)
+    if config.train.skip_nonfinite:
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=NEVER_GIVE_UP)
+    return optimizer
 
 
 def init_train_state(config: Config, image_shape: tuple[int, ...]) -> tuple[nnx.GraphDef, TrainState]:
@@ -172,7 +184,9 @@ def make_train_chunk(
         key = jax.random.fold_in(step_key, state.step)
         loss, grads = jax.value_and_grad(batch_loss)(state.params, batch_images, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+        # A step counts as non-finite when its loss or its gradient is: report it as a NaN loss.
+        reported_loss = jnp.where(jnp.isfinite(optax.tree.norm(grads)), loss, jnp.nan)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), reported_loss
 
     def skip(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:
         return state, jnp.zeros((), jnp.float32)
@@ -238,6 +252,22 @@ def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> C
     return evaluate
 
 
+class NonFiniteLoss(Exception):
+    """Training met a step whose loss or gradient is not finite (and train.skip_nonfinite is off)."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"the loss or gradient became NaN or infinite at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+class TrainOutcome(NamedTuple):
+    """How train() ended: the model's graph definition, the state, and whether it was stopped early."""
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    stopped_in_epoch: int | None  # the epoch a stop request interrupted, None when it ran to the end
+
+
 def check_trainable(config: Config, dataset: Dataset) -> None:
     """Refuse settings that cannot run on this dataset, before any compilation."""
     num_train = len(dataset.train_images)
@@ -250,19 +280,44 @@ def check_trainable(config: Config, dataset: Dataset) -> None:
         raise ConfigError(f"{dataset.name} has no validation images; use a dataset with more images")
 
 
-def report_progress(
-    on_progress: Callable[[StepProgress], None],
-    epoch: int,
-    steps_done: int,
-    steps_per_epoch: int,
-    chunk_losses: jax.Array,
-    batch_size: int,
-    started: float,
-) -> None:
-    """Report the (full) chunk that ended at step `steps_done`: its mean loss and the rate so far."""
-    elapsed = time.perf_counter() - started
-    images_per_second = steps_done * batch_size / elapsed
-    on_progress(StepProgress(epoch, steps_done, steps_per_epoch, float(jnp.mean(chunk_losses)), images_per_second))
+class EpochLosses:
+    """The losses of one epoch's chunks as they finish: checked for NaN, kept, reported as progress."""
+
+    def __init__(self, config: Config, epoch: int, steps_per_epoch: int, first_step: int, on_progress):
+        self.config, self.epoch, self.steps_per_epoch, self.first_step = config, epoch, steps_per_epoch, first_step
+        self.on_progress = on_progress
+        self.started = time.perf_counter()
+        self.losses: list[np.ndarray] = []
+
+    def add_chunk(self, chunk_start: int, chunk_losses: jax.Array) -> None:
+        """Take a chunk's losses (waiting for that chunk only); raise NonFiniteLoss unless skipping is on."""
+        valid = np.asarray(chunk_losses)[: self.steps_per_epoch - chunk_start]
+        bad = np.flatnonzero(~np.isfinite(valid))
+        if len(bad) and not self.config.train.skip_nonfinite:
+            raise NonFiniteLoss(self.epoch, (self.epoch - 1) * self.steps_per_epoch + chunk_start + int(bad[0]) + 1)
+        self.losses.append(valid)
+        if self.on_progress:
+            steps_done = chunk_start + len(valid)
+            rate = (steps_done - self.first_step) * self.config.train.batch_size / self.seconds()
+            finite = valid[np.isfinite(valid)]
+            mean_loss = float(finite.mean()) if len(finite) else float("nan")
+            epochs = self.config.train.epochs
+            self.on_progress(StepProgress(self.epoch, epochs, steps_done, self.steps_per_epoch, mean_loss, rate))
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self) -> dict[str, Any]:
+        """Mean finite loss, skipped (non-finite) steps, seconds and images/s of the steps run."""
+        all_losses = np.concatenate(self.losses)
+        finite = all_losses[np.isfinite(all_losses)]
+        seconds = self.seconds()
+        return {
+            "train_loss": float(finite.mean()) if len(finite) else float("nan"),
+            "skipped_steps": int(len(all_losses) - len(finite)),
+            "epoch_seconds": seconds,
+            "images_per_second": len(all_losses) * self.config.train.batch_size / seconds,
+        }
 
 
 def train(
@@ -270,51 +325,61 @@ def train(
     dataset: Dataset,
     on_progress: Callable[[StepProgress], None] | None = None,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
-) -> tuple[nnx.GraphDef, TrainState]:
-    """Train for config.train.epochs epochs; return the model's graph definition and final state."""
+    start: TrainState | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainOutcome:
+    """Train until config.train.epochs epochs are done, from `start` (a checkpoint's state) or from scratch.
+
+    Resuming from a state saved at step s continues exactly where s left off: the same batches and
+    noise follow, so the weights come out bit for bit as if training had never stopped. When
+    `should_stop()` turns true, training stops after the current chunk of steps and returns.
+    Raises NonFiniteLoss when a step's loss or gradient is not finite and train.skip_nonfinite is off.
+    """
     check_trainable(config, dataset)
 
     # ---- set-up: data on the device once, as uint8 ------------------------------------------------
     train_images = device_split(config, dataset.train_images, split_number=0)
     val_images = device_split(config, dataset.val_images, split_number=1)
     graphdef, state = init_train_state(config, dataset.image_shape)
+    if start is not None:
+        state = start
     batch_size = config.train.batch_size
     steps_per_epoch = len(dataset.train_images) // batch_size
     steps_per_chunk = STEPS_PER_CHUNK
     train_chunk = make_train_chunk(graphdef, config, steps_per_epoch, steps_per_chunk)
     evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
+    completed_epochs, resume_at = divmod(int(state.step), steps_per_epoch)
 
     # ---- the loop ---------------------------------------------------------------------------------
-    for epoch in range(1, config.train.epochs + 1):
+    for epoch in range(completed_epochs + 1, config.train.epochs + 1):
         epoch_order = epoch_batch_indices(config.seed, epoch, len(dataset.train_images), batch_size)
         epoch_batches = padded_to_chunks(epoch_order, steps_per_chunk)
-        started = time.perf_counter()
-        chunk_losses = []
-        for first_step in range(0, steps_per_epoch, steps_per_chunk):
-            state, losses = train_chunk(state, train_images, epoch_batches, first_step)
-            if on_progress and chunk_losses:
-                # Reading the previous chunk's losses waits only for that chunk; this one is queued.
-                report_progress(on_progress, epoch, first_step, steps_per_epoch, chunk_losses[-1], batch_size, started)
-            chunk_losses.append(losses)
-        train_loss = float(jnp.mean(jnp.concatenate(chunk_losses)[:steps_per_epoch]))  # waits for the last step
-        epoch_seconds = time.perf_counter() - started
-        if on_progress:
-            images_per_second = steps_per_epoch * batch_size / epoch_seconds
-            on_progress(StepProgress(epoch, steps_per_epoch, steps_per_epoch, train_loss, images_per_second))
+        first_step = resume_at if epoch == completed_epochs + 1 else 0
+        tracker = EpochLosses(config, epoch, steps_per_epoch, first_step, on_progress)
+        pending: tuple[int, jax.Array] | None = None  # the chunk dispatched last, not yet read
+        for chunk_start in range(first_step, steps_per_epoch, steps_per_chunk):
+            state, losses = train_chunk(state, train_images, epoch_batches, chunk_start)
+            if pending is not None:
+                tracker.add_chunk(*pending)  # the chunk before: this one is already queued
+            pending = (chunk_start, losses)
+            if should_stop is not None and should_stop() and chunk_start + steps_per_chunk < steps_per_epoch:
+                tracker.add_chunk(*pending)
+                return TrainOutcome(graphdef, state, epoch)
+        tracker.add_chunk(*pending)
 
         # ---- evaluation -------------------------------------------------------------------------
         val_loss, val_recon, val_kl = evaluate(state.params, val_images)
         metrics = {
             "epoch": epoch,
             "step": int(state.step),
-            "train_loss": train_loss,
+            **tracker.summary(),
             "val_loss": val_loss,
             "val_elbo": -val_loss,
             "val_recon": val_recon,
             "val_kl": val_kl,
-            "epoch_seconds": epoch_seconds,
-            "images_per_second": steps_per_epoch * batch_size / epoch_seconds,
         }
         if on_epoch_end:
             on_epoch_end(EpochResult(epoch, graphdef, state, metrics))
-    return graphdef, state
+        if should_stop is not None and should_stop() and epoch < config.train.epochs:
+            return TrainOutcome(graphdef, state, epoch + 1)
+    return TrainOutcome(graphdef, state, None)
