@@ -51,7 +51,7 @@ class DataConfig(_Section):
     @classmethod
     def _absolute_dir(cls, value: str | None) -> str | None:
         # Absolute, so the saved config still finds the data when used from another folder.
-        return None if value is None else str(Path(value).expanduser().resolve())
+        return None if value is None else str(expand_user(value).resolve())
 
     @field_validator("mirrors", mode="before")
     @classmethod
@@ -125,6 +125,19 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
+def expand_user(path: str | Path) -> Path:
+    """Path.expanduser, with an unknown ~user a ValueError (pydantic and callers turn it into a message)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as error:  # ~name for a user this machine does not know
+        raise ValueError(f"cannot expand {str(path).split('/')[0]!r}: no such user; give the full path") from error
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped, so a message stays one line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def shipped_config_names() -> list[str]:
     """Names of the configs packaged with vaecli (without .yaml)."""
     return sorted(path.stem for path in SHIPPED_CONFIG_DIR.glob("*.yaml"))
@@ -132,7 +145,10 @@ def shipped_config_names() -> list[str]:
 
 def resolve_config_path(spec: str | Path) -> Path:
     """A path that exists is used as given; otherwise a bare name picks the shipped config of that name."""
-    path = Path(spec).expanduser()
+    try:
+        path = expand_user(spec)
+    except ValueError as error:
+        raise ConfigError(f"config {spec}: {error}") from error
     if path.is_dir():
         raise ConfigError(f"config {spec} is a directory; give a YAML file such as {path / 'mnist.yaml'}")
     if path.exists():
@@ -209,11 +225,12 @@ def validate_config(raw: dict[str, Any], source: str) -> Config:
 def describe_problem(problem: dict[str, Any]) -> str:
     """One readable sentence for one pydantic error: key, what was wrong, what is allowed."""
     location = [str(part) for part in problem["loc"]]
-    key = ".".join(location)
+    key = one_line(".".join(location))
     if problem["type"] == "extra_forbidden":
         return _describe_unknown_key(location)
-    if problem["type"] == "value_error":  # our own validators word their message in full
-        return str(problem["ctx"]["error"])
+    if problem["type"] == "value_error":  # our own validators' words, naming the key unless they do
+        message = str(problem["ctx"]["error"])
+        return message if key in message else f"{key}: {message}"
     if problem["type"] in ("model_type", "model_attributes_type", "dict_type"):
         section_class = _section_class(location)
         allowed = ", ".join(section_class.model_fields) if section_class else ""
@@ -238,10 +255,10 @@ def _describe_unknown_key(location: list[str]) -> str:
     parent, unknown = location[:-1], location[-1]
     section = _section_class(parent) or Config
     allowed = list(section.model_fields)
-    prefix = ".".join([*parent, ""])
+    prefix = one_line(".".join([*parent, ""]))
     closest = difflib.get_close_matches(unknown, allowed, n=1, cutoff=0.6)
     hint = f"did you mean {prefix}{closest[0]}? " if closest else ""
-    return f"unknown key {prefix}{unknown}; {hint}allowed: {', '.join(prefix + name for name in allowed)}"
+    return f"unknown key {prefix}{one_line(unknown)}; {hint}allowed: {', '.join(prefix + name for name in allowed)}"
 
 
 def config_to_yaml(config: Config) -> str:

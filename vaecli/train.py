@@ -184,8 +184,13 @@ def make_train_chunk(
         key = jax.random.fold_in(step_key, state.step)
         loss, grads = jax.value_and_grad(batch_loss)(state.params, batch_images, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        # A step counts as non-finite when its loss or its gradient is: report it as a NaN loss.
-        reported_loss = jnp.where(jnp.isfinite(optax.tree.norm(grads)), loss, jnp.nan)
+        # A step whose gradient or update is not finite (a NaN loss gives both) is reported as a NaN
+        # loss. When skipping, apply_if_finite has zeroed the update instead; its counter tells.
+        finite = jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(optax.tree.norm(updates))
+        if config.train.skip_nonfinite:
+            skipped_before = optax.tree_utils.tree_get(state.opt_state, "total_notfinite")
+            finite &= optax.tree_utils.tree_get(opt_state, "total_notfinite") == skipped_before
+        reported_loss = jnp.where(finite, loss, jnp.nan)
         return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), reported_loss
 
     def skip(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:

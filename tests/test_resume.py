@@ -1,0 +1,259 @@
+"""Runs that survive: SIGKILL then --resume is bit-identical, Ctrl-C saves and says how to resume, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vaecli.checkpoint import load_run, load_train_state, read_latest_meta
+from vaecli.cli import app
+from vaecli.config import load_config
+
+# ~190 steps an epoch with a tiny model: each epoch takes a fraction of a second, so a kill lands
+# anywhere (mid-epoch, during a checkpoint, between epochs).
+RUN_SETTINGS = [
+    "--set", "model.hidden=[32]", "--set", "model.latent_dim=4", "--set", "train.batch_size=21",
+    "--set", "train.epochs=6", "--set", "train.keep_checkpoints=2",
+]  # fmt: skip
+
+
+def vae_process(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vaecli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def wait_for_epochs(run_dir: Path, epochs: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"no {epochs} epochs within {timeout} s")
+
+
+def final_state(run_dir: Path):
+    meta = read_latest_meta(run_dir)
+    config = load_run(run_dir, "latest").config
+    return meta, load_train_state(run_dir, meta["step"], config, tuple(meta["image_shape"]))
+
+
+def assert_bit_identical(first, second) -> None:
+    for left, right in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second), strict=True):
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    code, _, err = finish(vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=workdir))
+    assert code == 0, err
+    return workdir / "run"
+
+
+def test_sigkill_at_any_moment_then_resume_gives_bit_identical_weights(tmp_path, uninterrupted):
+    process = vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=tmp_path)
+    wait_for_epochs(tmp_path / "run", 2, process)
+    time.sleep(0.05)  # somewhere in epoch 3: mid-epoch, evaluating or writing
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+    code, out, err = finish(vae_process("train", "--resume", "run", cwd=tmp_path))
+    assert code == 0, err
+    assert "resuming run" in out
+
+    resumed_meta, resumed = final_state(tmp_path / "run")
+    reference_meta, reference = final_state(uninterrupted)
+    assert resumed_meta["step"] == reference_meta["step"] and resumed_meta["epoch"] == 6
+    assert_bit_identical(resumed.params, reference.params)
+    assert_bit_identical(resumed.opt_state, reference.opt_state)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6]  # no duplicate or missing epoch after the kill
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resumes_exactly(tmp_path, uninterrupted):
+    process = vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=tmp_path)
+    wait_for_epochs(tmp_path / "run", 1, process)
+    process.send_signal(signal.SIGINT)
+    code, _, err = finish(process)
+
+    assert code == 128 + signal.SIGINT
+    assert "stopping after the current steps and saving a checkpoint" in err
+    assert "resume with: vae train --resume run" in err
+    assert "Traceback" not in err
+    meta = read_latest_meta(tmp_path / "run")
+    assert meta["step"] > 0 and meta["epoch"] < 6
+
+    code, _, err = finish(vae_process("train", "--resume", "run", cwd=tmp_path))
+    assert code == 0, err
+    _, resumed = final_state(tmp_path / "run")
+    _, reference = final_state(uninterrupted)
+    assert_bit_identical(resumed.params, reference.params)
+
+
+def test_sigterm_stops_the_same_way(tmp_path):
+    process = vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=tmp_path)
+    wait_for_epochs(tmp_path / "run", 1, process)
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+    assert code == 128 + signal.SIGTERM
+    assert "resume with: vae train --resume run" in err
+    assert load_run(tmp_path / "run", "latest").step == read_latest_meta(tmp_path / "run")["step"]
+
+
+def test_resume_refuses_changes_that_would_alter_the_run(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    runner = CliRunner()
+    changed = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "model.latent_dim=8"])
+    assert changed.exit_code == 2
+    assert "model.latent_dim cannot change (saved 4, asked 8); only train.epochs, train.keep_checkpoints" in (
+        changed.stderr
+    )
+    done = runner.invoke(app, ["train", "--resume", str(run_dir)])
+    assert done.exit_code == 2
+    assert "has already trained 6 epochs" in done.stderr and "--set train.epochs=16" in done.stderr
+
+    longer = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=7"])
+    assert longer.exit_code == 0, longer.output
+    assert read_latest_meta(run_dir)["epoch"] == 7
+    assert "epochs: 7" in (run_dir / "config.yaml").read_text()
+
+
+def test_resume_refuses_data_of_another_shape_or_size(tmp_path, monkeypatch):
+    from image_folders import write_image_folder
+
+    pictures = write_image_folder(tmp_path / "pictures", count_per_class=6)
+    monkeypatch.chdir(tmp_path)
+    settings = ["--set", f"data.dir={pictures}", "--set", "data.image_size=12", "--set", "train.batch_size=4"]
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", "--config", "folder.yaml", *settings, "--set", "train.epochs=1"])
+    assert first.exit_code == 0, first.output
+
+    for extra in range(3):  # three more images: the training split grows
+        (pictures / "cats" / f"more_{extra}.png").write_bytes((pictures / "cats" / "cats_00.png").read_bytes())
+    grown = runner.invoke(app, ["train", "--resume", "runs/folder", "--set", "train.epochs=2"])
+    assert grown.exit_code == 1
+    assert "training images, but folder now has" in grown.stderr
+
+
+def nan_after(step: int):
+    """The configured optimizer, fed gradients that turn NaN from update number `step` on.
+
+    With ReLUs and Adam even a learning rate of 10 only kills the units (the loss stays finite), so
+    the divergence is injected with optax's own schedule transform, deterministically, at a known step.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    import vaecli.train as training
+
+    configured = training.make_optimizer
+
+    def make_optimizer(config):
+        poison = optax.scale_by_schedule(lambda count: jnp.where(count >= step, jnp.nan, 1.0))
+        return optax.chain(poison, configured(config))
+
+    return make_optimizer
+
+
+TINY_RUN = ["--set", "model.hidden=[32]", "--set", "model.latent_dim=4", "--set", "train.epochs=3"]
+
+
+def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vaecli.train.make_optimizer", nan_after(70))  # epoch 1 is steps 1-62
+    result = CliRunner().invoke(app, ["train", "--config", "mnist-sample", *TINY_RUN, "--out", "run"])
+
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert "training stopped: the loss or gradient became NaN or infinite at epoch 2, step 71" in lines[0]
+    assert "the last good checkpoint is step 62 (epoch 1) in run" in lines[0]
+    assert "lower train.learning_rate, set train.clip_norm, or set train.skip_nonfinite: true" in lines[0]
+    # Nothing after the last good checkpoint was saved, and it still loads and generates.
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert read_latest_meta(tmp_path / "run")["step"] == 62
+    generated = CliRunner().invoke(app, ["generate", "--run", "run", "--out", "after.png"])
+    assert generated.exit_code == 0, generated.output
+    assert (tmp_path / "after.png").is_file()
+
+
+def test_skip_nonfinite_skips_and_counts_the_bad_steps(tmp_path, monkeypatch):
+    from flax import nnx
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vaecli.train.make_optimizer", nan_after(70))
+    settings = [*TINY_RUN, "--set", "train.skip_nonfinite=true"]
+    result = CliRunner().invoke(app, ["train", "--config", "mnist-sample", *settings, "--out", "run"])
+
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped_steps"] for row in metrics] == [0, 124 - 70, 62]  # every step from step 71 on
+    run = load_run(tmp_path / "run", "latest")
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(nnx.state(run.model)))
+
+
+def test_clip_norm_clips_the_gradient_before_adam():
+    """Adam's first step is about -lr per weight whatever the gradient's scale, unless clipping makes it
+    smaller than Adam's epsilon: a clip norm of 1e-12 must then shrink the step to almost nothing."""
+    import jax.numpy as jnp
+    from conftest import small_config
+
+    from vaecli.train import make_optimizer
+
+    params = {"w": jnp.zeros(100)}
+    grads = {"w": jnp.full(100, 10.0)}
+    steps = {}
+    for clip_norm in (None, 1e-12):
+        optimizer = make_optimizer(small_config(train={"learning_rate": 0.1, "clip_norm": clip_norm}))
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        steps[clip_norm] = float(jnp.abs(updates["w"]).max())
+    assert steps[None] == pytest.approx(0.1, rel=1e-3)
+    assert steps[1e-12] < 0.01
+
+
+def test_best_and_latest_checkpoints_and_evaluate(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    settings = ["--set", "model.hidden=[32]", "--set", "model.latent_dim=4", "--set", "train.epochs=4"]
+    assert runner.invoke(app, ["train", "--config", "mnist-sample", *settings, "--set", "train.keep_checkpoints=1",
+                               "--out", "run"]).exit_code == 0  # fmt: skip
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    best_step = min(metrics, key=lambda row: row["val_loss"])["step"]
+    kept = sorted(int(path.name) for path in (tmp_path / "run" / "checkpoints").iterdir() if path.name.isdigit())
+    assert kept == sorted({best_step, metrics[-1]["step"]})  # newest 1 + the best
+    assert load_run(tmp_path / "run").step == best_step  # best is the default
+    assert load_run(tmp_path / "run", "latest").step == metrics[-1]["step"]
+    assert load_run(tmp_path / "run", str(kept[0])).step == kept[0]
+    missing = runner.invoke(app, ["generate", "--run", "run", "--checkpoint", "3"])
+    assert missing.exit_code == 1 and f"has checkpoints {', '.join(map(str, kept))}" in missing.stderr
+
+    evaluated = runner.invoke(app, ["evaluate", "--run", "run", "--split", "val", "--checkpoint", "latest"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"ELBO {-metrics[-1]['val_loss']:.2f} nats per image" in evaluated.stdout  # the same estimator as training
+    test_split = runner.invoke(app, ["evaluate", "--run", "run"])
+    assert "mnist_sample test split, 500 images" in test_split.stdout
+
+
+def test_config_loads_with_the_new_training_keys():
+    config = load_config("mnist-sample", ["train.clip_norm=5", "train.skip_nonfinite=true", "train.keep_checkpoints=4"])
+    assert (config.train.clip_norm, config.train.skip_nonfinite, config.train.keep_checkpoints) == (5.0, True, 4)
