@@ -257,3 +257,20 @@ def test_best_and_latest_checkpoints_and_evaluate(tmp_path, monkeypatch):
 def test_config_loads_with_the_new_training_keys():
     config = load_config("mnist-sample", ["train.clip_norm=5", "train.skip_nonfinite=true", "train.keep_checkpoints=4"])
     assert (config.train.clip_norm, config.train.skip_nonfinite, config.train.keep_checkpoints) == (5.0, True, 4)
+
+
+def test_a_checkpoint_that_does_not_match_its_config_is_a_clear_error(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    for meta_file in run_dir.glob("checkpoints/*/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        meta["config"]["model"]["latent_dim"] = 9  # weights for z4 described as z9
+        meta_file.write_text(json.dumps(meta))
+    runner = CliRunner()
+    generated = runner.invoke(app, ["generate", "--run", str(run_dir), "--out", str(tmp_path / "x.png")])
+    resumed = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=9"])
+    for result in (generated, resumed):
+        assert result.exit_code == 1, result.output
+        assert "does not match its saved config" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()

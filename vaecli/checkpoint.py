@@ -180,6 +180,7 @@ def load_run(run_dir: Path, which: str | int = "best") -> LoadedRun:
         # eval_shape builds the model abstractly: shapes and dtypes to restore into, no random init.
         abstract_model = nnx.eval_shape(lambda: build_model(config.model, image_shape, config.seed))
         graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        check_weights_fit(run_dir, step, abstract_params)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
         except Exception as error:
@@ -188,6 +189,36 @@ def load_run(run_dir: Path, which: str | int = "best") -> LoadedRun:
             ) from error
     model = nnx.merge(graphdef, restored.params)
     return LoadedRun(run_dir, config, model, step, meta["epoch"], image_shape, meta["dataset"], meta["preprocessing"])
+
+
+def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"encoder/trunk/layers/0/kernel": (784, 256), ...} for a parameter tree, stored or abstract."""
+
+    def name(entry) -> str:
+        return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda leaf: hasattr(leaf, "shape"))
+    return {
+        "/".join(name(entry) for entry in path if name(entry) != "value"): tuple(leaf.shape)
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def check_weights_fit(run_dir: Path, step: int, abstract_params: Any) -> None:
+    """Refuse, before restoring, weights whose shapes differ from what the saved config builds.
+
+    (A failed Orbax restore would say the same, but less clearly and leaving asyncio work behind.)
+    """
+    stored = ocp.StandardCheckpointer().metadata(Path(run_dir).absolute() / CHECKPOINT_SUBDIR / str(step) / "params")
+    stored_shapes = shapes_by_path(stored.item_metadata.tree)
+    expected_shapes = shapes_by_path(abstract_params)
+    if stored_shapes != expected_shapes:
+        differing = sorted(set(stored_shapes.items()) ^ set(expected_shapes.items()))[0][0]
+        raise CheckpointError(
+            f"checkpoint {step} in {run_dir} does not match its saved config (weights {differing} differ); "
+            "train again or start a new run with --out"
+        )
 
 
 def read_latest_meta(run_dir: Path) -> dict[str, Any]:
@@ -201,6 +232,7 @@ def load_train_state(run_dir: Path, step: int, config: Config, image_shape: tupl
     abstract_model = nnx.eval_shape(lambda: build_model(config.model, image_shape, config.seed))
     _, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_opt_state = jax.eval_shape(make_optimizer(config).init, abstract_params)
+    check_weights_fit(run_dir, step, abstract_params)
     try:
         with _manager(run_dir, create=False) as manager:
             restored = manager.restore(
