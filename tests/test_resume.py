@@ -92,10 +92,10 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resumes_exactly(tmp_pa
     process = vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=tmp_path)
     wait_for_epochs(tmp_path / "run", 1, process)
     process.send_signal(signal.SIGINT)
-    code, _, err = finish(process)
+    code, out, err = finish(process)
 
     assert code == 128 + signal.SIGINT
-    assert "stopping after the current steps and saving a checkpoint" in err
+    assert "stopping after the current steps and saving a checkpoint" in out  # beside the progress bar
     assert "resume with: vae train --resume run" in err
     assert "Traceback" not in err
     meta = read_latest_meta(tmp_path / "run")

@@ -82,16 +82,18 @@ class StopRequests:
 
     def __init__(self):
         self.signal_number: int | None = None
+        # Where notices go; the training display replaces it so they do not break its live bar.
+        self.say = error_console.print
 
     def requested(self) -> bool:
         return self.signal_number is not None
 
     def handle(self, signal_number: int, frame) -> None:
         if self.signal_number is not None:
-            error_console.print("[red]stopped at once[/red]; the last checkpoint is intact")
+            self.say("[red]stopped at once[/red]; the last checkpoint is intact")
             exit_now(128 + signal_number)
         self.signal_number = signal_number
-        error_console.print(
+        self.say(
             "[yellow]stopping after the current steps and saving a checkpoint[/yellow] (press Ctrl-C again to quit now)"
         )
 
@@ -142,6 +144,7 @@ def train(
 
     stops = StopRequests()
     with stops.installed(), TrainingDisplay(console) as display:
+        stops.say = display.progress.console.print
         hooks = RunHooks(
             on_progress=display.on_progress,
             on_epoch_end=display.on_epoch_end,
