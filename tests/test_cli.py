@@ -148,6 +148,9 @@ def empty_workdir(tmp_path, monkeypatch):
         (["generate", "--n", "0", "--out", "zero.png"], 2, "--n must be at least 1"),
         (["generate", "--out", "grid.jpg"], 2, "must end in .png"),
         (["reconstruct", "--samples", "0"], 2, "--samples must be at least 1"),
+        (["generate", "--seed", "-1"], 2, "--seed must be between 0 and 4294967295, got -1"),
+        (["reconstruct", "--seed", str(2**64)], 2, "--seed must be between 0 and 4294967295"),
+        (["generate", "--checkpoint", "\u00b2"], 2, "give best, latest or a step number"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(empty_workdir, arguments, code, fragment):

@@ -70,8 +70,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def test_sigkill_at_any_moment_then_resume_gives_bit_identical_weights(tmp_path, uninterrupted):
     process = vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=tmp_path)
-    wait_for_epochs(tmp_path / "run", 2, process)
-    time.sleep(0.05)  # somewhere in epoch 3: mid-epoch, evaluating or writing
+    wait_for_epochs(tmp_path / "run", 2, process)  # killed while epoch 2 saves, or early in epoch 3
     process.send_signal(signal.SIGKILL)
     process.communicate()
 
@@ -275,3 +274,63 @@ def test_a_checkpoint_that_does_not_match_its_config_is_a_clear_error(tmp_path, 
         assert "does not match its saved config" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_nan_made_by_the_last_update_of_an_epoch_is_never_saved(tmp_path, monkeypatch):
+    """Update 62 ends epoch 1: no later loss reveals it, so the weights are checked before saving."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vaecli.train.make_optimizer", nan_after(61))
+    result = CliRunner().invoke(app, ["train", "--config", "mnist-sample", *TINY_RUN, "--out", "run"])
+    assert result.exit_code == 1, result.output
+    assert "the weights became NaN or infinite at epoch 1, step 62; no checkpoint had been written yet" in (
+        result.stderr
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_reading_a_run_leaves_a_save_in_progress_alone(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    in_progress = run_dir / "checkpoints" / "999.orbax-checkpoint-tmp-1234"
+    in_progress.mkdir()
+    result = CliRunner().invoke(app, ["generate", "--run", str(run_dir), "--out", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert in_progress.is_dir()  # a training run may be writing it
+
+
+def test_damaged_weights_and_metrics_are_one_line_errors(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    runner = CliRunner()
+    (run_dir / "metrics.jsonl").write_text("{not json\n")
+    resumed = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=8"])
+    assert resumed.exit_code == 1 and "has a line that is not an epoch's metrics" in resumed.stderr
+    assert len(resumed.stderr.strip().splitlines()) == 1
+
+    latest = max(int(path.name) for path in (run_dir / "checkpoints").iterdir() if path.name.isdigit())
+    shutil.rmtree(run_dir / "checkpoints" / str(latest) / "params")
+    generated = runner.invoke(
+        app, ["generate", "--run", str(run_dir), "--checkpoint", "latest", "--out", str(tmp_path / "g.png")]
+    )
+    assert generated.exit_code == 1, generated.output
+    assert f"checkpoint {latest} in {run_dir} cannot be read (its weights are missing or damaged)" in generated.stderr
+    assert len(generated.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_best_is_kept_beside_the_newest_even_when_it_is_old(tmp_path):
+    """Validation losses 5, 3, 4, 6, 7 with keep_checkpoints=2: steps 2 (best), 4 and 5 remain."""
+    from conftest import small_config
+    from test_train import tiny_dataset
+
+    from vaecli.checkpoint import save_checkpoint
+    from vaecli.train import init_train_state
+
+    config = small_config(model={"hidden": [8], "latent_dim": 2}, train={"keep_checkpoints": 2})
+    _, state = init_train_state(config, (28, 28))
+    for step, val_loss in zip([1, 2, 3, 4, 5], [5.0, 3.0, 4.0, 6.0, 7.0], strict=True):
+        save_checkpoint(tmp_path, state._replace(step=jax.numpy.asarray(step)), step, config, tiny_dataset(), val_loss)
+    save_checkpoint(tmp_path, state._replace(step=jax.numpy.asarray(6)), 6, config, tiny_dataset(), None, False)
+    kept = sorted(int(path.name) for path in (tmp_path / "checkpoints").iterdir() if path.name.isdigit())
+    assert kept == [2, 5, 6]  # the newest two (one of them mid-epoch, without a metric) and the best
+    assert load_run(tmp_path).step == 2 and load_run(tmp_path, "latest").step == 6

@@ -59,7 +59,13 @@ def _manager(run_dir: Path, create: bool, keep: int = 3) -> ocp.CheckpointManage
     policy = cm.AnyPreservationPolicy(
         policies=[
             cm.LatestN(n=keep),
-            cm.BestN(get_metric_fn=lambda metrics: metrics[RANKING_METRIC], reverse=True, n=1),
+            # Mid-epoch checkpoints (Ctrl-C) carry no metric: only LatestN keeps them.
+            cm.BestN(
+                get_metric_fn=lambda metrics: metrics[RANKING_METRIC],
+                reverse=True,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
         ]
     )
     options = ocp.CheckpointManagerOptions(
@@ -68,7 +74,9 @@ def _manager(run_dir: Path, create: bool, keep: int = 3) -> ocp.CheckpointManage
         best_fn=lambda metrics: metrics[RANKING_METRIC],
         best_mode="min",
         preservation_policy=policy,
-        cleanup_tmp_directories=True,  # what a killed save left behind
+        # A writer removes what a killed save left behind; a reader must not, since a training run
+        # may be writing that very directory.
+        cleanup_tmp_directories=create,
     )
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_SUBDIR, options=options)
 
@@ -144,7 +152,7 @@ def choose_step(manager: ocp.CheckpointManager, run_dir: Path, which: str | int 
     if which == "best":
         best = manager.best_step()
         return best if best is not None else max(steps)
-    step = int(which) if str(which).isdigit() else None
+    step = int(which) if str(which).isascii() and str(which).isdigit() else None
     if step not in steps:
         listed = ", ".join(str(kept) for kept in sorted(steps))
         raise CheckpointError(f"--checkpoint {which}: {run_dir} has checkpoints {listed}; give one, latest or best")
@@ -210,8 +218,14 @@ def check_weights_fit(run_dir: Path, step: int, abstract_params: Any) -> None:
 
     (A failed Orbax restore would say the same, but less clearly and leaving asyncio work behind.)
     """
-    stored = ocp.StandardCheckpointer().metadata(Path(run_dir).absolute() / CHECKPOINT_SUBDIR / str(step) / "params")
-    stored_shapes = shapes_by_path(stored.item_metadata.tree)
+    params_dir = Path(run_dir).absolute() / CHECKPOINT_SUBDIR / str(step) / "params"
+    try:
+        stored_shapes = shapes_by_path(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
+    except Exception as error:  # missing or damaged files: Orbax raises many types, or returns None
+        raise CheckpointError(
+            f"checkpoint {step} in {run_dir} cannot be read (its weights are missing or damaged); "
+            "use another with --checkpoint, or train again"
+        ) from error
     expected_shapes = shapes_by_path(abstract_params)
     if stored_shapes != expected_shapes:
         differing = sorted(set(stored_shapes.items()) ^ set(expected_shapes.items()))[0][0]

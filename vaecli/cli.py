@@ -51,12 +51,14 @@ def reports_errors(command):
 RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory [default: newest run under ./runs].")]
 
 
-def check_outputs(out: Path, count_option: str, count: int) -> None:
-    """Refuse an output format or a count we cannot honour before any model is loaded."""
+def check_outputs(out: Path, count_option: str, count: int, seed: int) -> None:
+    """Refuse an output format, a count or a seed we cannot honour before any model is loaded."""
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"--out {out} must end in .png (a picture) or .npz (the arrays)")
     if count < 1:
         raise UsageError(f"{count_option} must be at least 1, got {count}")
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed must be between 0 and {2**32 - 1}, got {seed}")
 
 
 CheckpointOption = Annotated[
@@ -69,7 +71,7 @@ def open_run(run: Path | None, checkpoint: str = "best"):
     from vaecli.checkpoint import load_run
     from vaecli.run import latest_run_dir
 
-    if checkpoint not in ("best", "latest") and not checkpoint.isdigit():
+    if checkpoint not in ("best", "latest") and not (checkpoint.isascii() and checkpoint.isdigit()):
         raise UsageError(f"--checkpoint {checkpoint!r}: give best, latest or a step number")
     return load_run(run or latest_run_dir(), checkpoint)
 
@@ -187,7 +189,7 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="Scale of z ~ N(0, T^2 I).")] = 1.0,
 ) -> None:
     """New images from the prior: z ~ p(z) = N(0, T^2 I), decoded to Bernoulli means."""
-    check_outputs(out, "--n", n)
+    check_outputs(out, "--n", n, seed)
     enable_compilation_cache()
     from vaecli.sample import save_prior_samples
 
@@ -217,7 +219,7 @@ def reconstruct(
     seed: Annotated[int, typer.Option("--seed", help="Seed for eps in z = mu + sigma * eps.")] = 0,
 ) -> None:
     """Re-draw images through the posterior: z ~ q(z|x) via z = mu + sigma * eps, decoded."""
-    check_outputs(out, "--samples", samples)
+    check_outputs(out, "--samples", samples, seed)
     enable_compilation_cache()
     from vaecli.sample import save_reconstructions
 

@@ -199,7 +199,12 @@ def keep_metrics_up_to(run_dir: Path, completed_epochs: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= completed_epochs]
+    try:
+        kept = [line for line in lines if json.loads(line)["epoch"] <= completed_epochs]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{path} has a line that is not an epoch's metrics ({type(error).__name__}); fix or remove that line"
+        ) from error
     if len(kept) != len(lines):
         write_text_atomically(path, "".join(line + "\n" for line in kept))
 

@@ -6,6 +6,7 @@ or batch size is used, and the same seed gives the same bytes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -50,8 +51,8 @@ def generate_batches(model: VAE, n: int, seed: int = 0, temperature: float = 1.0
     """generate() a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]), for bounded memory."""
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
-    if not temperature > 0:
-        raise UsageError(f"--temperature must be positive, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature must be a positive number, got {temperature}")
     graphdef, params = nnx.split(model, nnx.Param)
     batch_size = min(n, DECODE_BATCH_SIZE)
     seed_key = jax.random.key(seed)

@@ -260,11 +260,23 @@ def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> C
 
 
 class NonFiniteLoss(Exception):
-    """Training met a step whose loss or gradient is not finite (and train.skip_nonfinite is off)."""
+    """Training met a non-finite loss, or non-finite weights before a save (train.skip_nonfinite off)."""
 
-    def __init__(self, epoch: int, step: int):
-        super().__init__(f"the loss became NaN or infinite at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, step: int, what: str = "the loss"):
+        super().__init__(f"{what} became NaN or infinite at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when no leaf of `tree` holds a NaN or an infinity."""
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
+def check_finite_weights(config: Config, state: TrainState, epoch: int) -> None:
+    """Before anything is saved: the last update of a stretch has no later loss to reveal a NaN it made."""
+    if not config.train.skip_nonfinite and not bool(all_finite(state.params)):
+        raise NonFiniteLoss(epoch, int(state.step), what="the weights")
 
 
 class TrainOutcome(NamedTuple):
@@ -371,8 +383,10 @@ def train(
             pending = (chunk_start, losses)
             if should_stop is not None and should_stop() and chunk_start + steps_per_chunk < steps_per_epoch:
                 tracker.add_chunk(*pending)
+                check_finite_weights(config, state, epoch)
                 return TrainOutcome(graphdef, state, epoch)
         tracker.add_chunk(*pending)
+        check_finite_weights(config, state, epoch)
 
         # ---- evaluation -------------------------------------------------------------------------
         val_loss, val_recon, val_kl = evaluate(state.params, val_images)
