@@ -195,17 +195,36 @@ def test_output_is_replaced_whole_and_leaves_no_temporary_files(empty_workdir, t
     assert sorted(path.name for path in empty_workdir.iterdir()) == ["grid.png"]
 
 
-def test_help_is_fast_to_reach_and_python_m_works():
-    probe = "import sys, vaecli.cli; print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
+@pytest.mark.parametrize("arguments", [["--help"], ["train", "--help"], ["generate", "--help"]])
+def test_help_imports_no_jax(arguments):
+    """`vae --help` stays instant: showing help must not import JAX, Flax or Orbax."""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['vae', *{arguments!r}]\n"
+        "from vaecli.cli import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "Usage" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_python_m_vaecli_works():
     result = subprocess.run([sys.executable, "-m", "vaecli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("train", "generate", "reconstruct"):
+    for command in ("train", "generate", "reconstruct", "evaluate"):
         assert command in result.stdout
 
 
-def test_the_shipped_configs_resolve_from_the_repository_root():
+def test_configs_folder_paths_work_from_the_repository_root(monkeypatch):
     root = Path(__file__).parent.parent
-    assert (root / "configs" / "mnist.yaml").is_file() and (root / "configs" / "mnist-sample.yaml").is_file()
+    monkeypatch.chdir(root)
+    from vaecli.config import load_config, resolve_config_path
+
+    for name in ("mnist", "mnist-sample", "fashion_mnist", "kmnist", "folder"):
+        path = Path("configs") / f"{name}.yaml"
+        assert resolve_config_path(str(path)) == path  # an existing path is used as given
+        assert load_config(str(path)) == load_config(name)  # and is the same as the shipped name
 
 
 @pytest.mark.parametrize(

@@ -334,3 +334,24 @@ def test_best_is_kept_beside_the_newest_even_when_it_is_old(tmp_path):
     kept = sorted(int(path.name) for path in (tmp_path / "checkpoints").iterdir() if path.name.isdigit())
     assert kept == [2, 5, 6]  # the newest two (one of them mid-epoch, without a metric) and the best
     assert load_run(tmp_path).step == 2 and load_run(tmp_path, "latest").step == 6
+
+
+def test_a_stop_requested_while_the_data_loads_changes_nothing(tmp_path):
+    from vaecli.errors import Interrupted
+    from vaecli.run import RunHooks, train_run
+
+    with pytest.raises(Interrupted, match="stopped before training started"):
+        train_run(load_config("mnist-sample"), tmp_path / "run", hooks=RunHooks(should_stop=lambda: True))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_run_drawn_with_another_random_generator(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    for meta_file in run_dir.glob("checkpoints/*/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        meta["prng_impl"] = "threefry2x32"
+        meta_file.write_text(json.dumps(meta))
+    result = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=8"])
+    assert result.exit_code == 1
+    assert "drew its random numbers with threefry2x32, this vaecli uses philox2x32" in result.stderr

@@ -1,6 +1,6 @@
 """Save and restore a run: weights, optimizer state, step and the resolved config (Orbax).
 
-Layout: RUN_DIR/checkpoints/<step>/{params, opt_state, meta}. Orbax writes each step into a
+Layout: RUN_DIR/checkpoints/<step>/{params, opt_state, meta, metrics}. Orbax writes each step into a
 temporary directory and renames it when complete, so a crash never leaves a half-written checkpoint
 that looks finished. `meta` holds what is needed to rebuild the model with no config file.
 """

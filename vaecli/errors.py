@@ -29,6 +29,12 @@ class TrainingError(VaeError):
     """Training could not go on (for example the loss became NaN); the message says what to change."""
 
 
+class Interrupted(VaeError):
+    """The user asked to stop (Ctrl-C) before there was anything to save."""
+
+    exit_code = 130
+
+
 class OutputError(VaeError):
     """An output file or directory cannot be written."""
 

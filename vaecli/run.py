@@ -22,12 +22,12 @@ from vaecli.checkpoint import CHECKPOINT_SUBDIR, load_train_state, read_latest_m
 from vaecli.config import Config, apply_override, config_from_dict, config_to_yaml, validate_config
 from vaecli.data import Dataset, load_dataset, resolved_data_dir
 from vaecli.data.download import DownloadProgress
-from vaecli.errors import CheckpointError, ConfigError, OutputError, TrainingError
+from vaecli.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
 from vaecli.model import VAE
 from vaecli.sample import generate, reconstruct
-from vaecli.train import EpochResult, NonFiniteLoss, StepProgress, TrainState, check_trainable, train
+from vaecli.train import PRNG_IMPL, EpochResult, NonFiniteLoss, StepProgress, TrainState, check_trainable, train
 
 RUNS_ROOT = Path("runs")
 # Fixed seeds for the per-epoch pictures, so the same z is decoded every epoch and progress shows.
@@ -111,12 +111,17 @@ class RunResult:
 
 
 def load_run_data(config: Config, hooks: RunHooks) -> Dataset:
-    """The run's dataset, passing download and decoding progress and notices to the hooks."""
+    """The run's dataset, passing download and decoding progress and notices to the hooks.
+
+    A stop request that arrives meanwhile ends the command here, before the run directory changes.
+    """
     dataset = load_dataset(config.data, on_download=hooks.on_download, on_decode=hooks.on_decode)
     for notice in dataset.notices:
         if hooks.on_notice:
             hooks.on_notice(notice)
     check_trainable(config, dataset)
+    if hooks.should_stop is not None and hooks.should_stop():
+        raise Interrupted("stopped before training started; the run directory was not changed")
     return dataset
 
 
@@ -164,6 +169,11 @@ def resume_run(run_dir: Path, overrides: list[str] | None = None, hooks: RunHook
     """Continue a run from its newest checkpoint, with its saved config: the weights come out as if never stopped."""
     run_dir = Path(run_dir)
     meta = read_latest_meta(run_dir)
+    if meta["prng_impl"] != PRNG_IMPL:
+        raise CheckpointError(
+            f"{run_dir} drew its random numbers with {meta['prng_impl']}, this vaecli uses {PRNG_IMPL}: "
+            "a resumed run would not continue the same way; start a new run with --out"
+        )
     config = resumed_config(config_from_dict(meta["config"], f"{run_dir} checkpoint"), overrides or [], run_dir)
     completed_epochs = meta["epoch"] if meta["epoch_finished"] else meta["epoch"] - 1
     if completed_epochs >= config.train.epochs:

@@ -63,7 +63,7 @@ class StepProgress:
     epochs: int  # the run's total, config.train.epochs
     steps_done: int  # within this epoch
     steps_per_epoch: int
-    train_loss: float  # mean negative ELBO of a recent step, nats per image
+    train_loss: float  # mean negative ELBO over the chunk of steps just finished, nats per image
     images_per_second: float
 
 
