@@ -67,12 +67,16 @@ CheckpointOption = Annotated[
 
 
 def open_run(run: Path | None, checkpoint: str = "best"):
-    """The run named by --run (or the newest one under ./runs), at the chosen checkpoint."""
+    """The run named by --run (or the newest one under ./runs), at the chosen checkpoint.
+
+    The option is checked before JAX is imported and its compilation cache turned on.
+    """
+    if checkpoint not in ("best", "latest") and not (checkpoint.isascii() and checkpoint.isdigit()):
+        raise UsageError(f"--checkpoint {checkpoint!r}: give best, latest or a step number")
+    enable_compilation_cache()
     from vaecli.checkpoint import load_run
     from vaecli.run import latest_run_dir
 
-    if checkpoint not in ("best", "latest") and not (checkpoint.isascii() and checkpoint.isdigit()):
-        raise UsageError(f"--checkpoint {checkpoint!r}: give best, latest or a step number")
     return load_run(run or latest_run_dir(), checkpoint)
 
 
@@ -190,7 +194,6 @@ def generate(
 ) -> None:
     """New images from the prior: z ~ p(z) = N(0, T^2 I), decoded to Bernoulli means."""
     check_outputs(out, "--n", n, seed)
-    enable_compilation_cache()
     from vaecli.sample import save_prior_samples
 
     loaded = open_run(run, checkpoint)
@@ -220,7 +223,6 @@ def reconstruct(
 ) -> None:
     """Re-draw images through the posterior: z ~ q(z|x) via z = mu + sigma * eps, decoded."""
     check_outputs(out, "--samples", samples, seed)
-    enable_compilation_cache()
     from vaecli.sample import save_reconstructions
 
     loaded = open_run(run, checkpoint)
@@ -241,7 +243,6 @@ def evaluate(
     """The negative ELBO (nats per image) of a trained model on a split of its dataset: an upper bound on -log p(x)."""
     if split not in ("test", "val", "train"):
         raise UsageError(f"--split {split!r}: choose test, val or train")
-    enable_compilation_cache()
     from vaecli.sample import evaluate_split
 
     loaded = open_run(run, checkpoint)

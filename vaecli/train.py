@@ -359,8 +359,11 @@ def train(
     # ---- set-up: data on the device once, as uint8 ------------------------------------------------
     train_images = device_split(config, dataset.train_images, split_number=0)
     val_images = device_split(config, dataset.val_images, split_number=1)
-    graphdef, state = init_train_state(config, dataset.image_shape)
-    if start is not None:
+    if start is None:
+        graphdef, state = init_train_state(config, dataset.image_shape)
+    else:  # resuming: only the model's structure is needed, not a fresh random initialisation
+        abstract_model = nnx.eval_shape(lambda: build_model(config.model, dataset.image_shape, config.seed))
+        graphdef = nnx.split(abstract_model, nnx.Param)[0]
         state = start
     batch_size = config.train.batch_size
     steps_per_epoch = len(dataset.train_images) // batch_size

@@ -14,13 +14,9 @@ import numpy as np
 from vaecli.data import Dataset
 from vaecli.data.download import DownloadProgress, download_missing
 from vaecli.data.idx import read_idx_images, read_idx_labels
-from vaecli.data.sources import IDX_SOURCES
+from vaecli.data.sources import IDX_FILE_STEMS, IDX_SOURCES
 from vaecli.errors import DataError
 
-TRAIN_IMAGES = "train-images-idx3-ubyte"
-TRAIN_LABELS = "train-labels-idx1-ubyte"
-TEST_IMAGES = "t10k-images-idx3-ubyte"
-TEST_LABELS = "t10k-labels-idx1-ubyte"
 MAX_VALIDATION_IMAGES = 5000
 CLASS_COUNT = 10
 
@@ -53,8 +49,7 @@ def ensure_idx_files(
         if directory.exists() and not directory.is_dir():
             raise DataError(f"{name}: data.dir {directory} is a file; give a folder for the dataset")
         download_missing(name, directory, missing, mirrors or source.mirrors, on_download)
-    stems = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
-    return [existing_idx_file(directory, stem) for stem in stems]  # type: ignore[misc]
+    return [existing_idx_file(directory, stem) for stem in IDX_FILE_STEMS]  # type: ignore[misc]
 
 
 def read_split(name: str, images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
