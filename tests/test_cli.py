@@ -63,6 +63,8 @@ def test_train_writes_a_complete_run_directory(mnist_run):
         "val_loss",
         "val_recon",
         "val_kl",
+        "train_seconds",
+        "val_seconds",
         "epoch_seconds",
         "images_per_second",
     }

@@ -333,14 +333,14 @@ class EpochLosses:
         return time.perf_counter() - self.started
 
     def summary(self) -> dict[str, Any]:
-        """Mean finite loss, skipped (non-finite) steps, seconds and images/s of the steps run."""
+        """Mean finite loss, skipped (non-finite) steps, seconds and images/s of the steps run (no validation)."""
         all_losses = np.concatenate(self.losses)
         finite = all_losses[np.isfinite(all_losses)]
         seconds = self.seconds()
         return {
             "train_loss": float(finite.mean()) if len(finite) else float("nan"),
             "skipped_steps": int(len(all_losses) - len(finite)),
-            "epoch_seconds": seconds,
+            "train_seconds": seconds,
             "images_per_second": len(all_losses) * self.config.train.batch_size / seconds,
         }
 
@@ -396,17 +396,22 @@ def train(
                 return TrainOutcome(graphdef, state, epoch)
         tracker.add_chunk(*pending)
         check_finite_weights(config, state, epoch)
+        training = tracker.summary()
 
         # ---- evaluation -------------------------------------------------------------------------
+        evaluation_started = time.perf_counter()
         val_loss, val_recon, val_kl = evaluate(state.params, val_images)
+        val_seconds = time.perf_counter() - evaluation_started
         metrics = {
             "epoch": epoch,
             "step": int(state.step),
-            **tracker.summary(),
+            **training,
             "val_loss": val_loss,
             "val_elbo": -val_loss,
             "val_recon": val_recon,
             "val_kl": val_kl,
+            "val_seconds": val_seconds,
+            "epoch_seconds": training["train_seconds"] + val_seconds,
         }
         if on_epoch_end:
             on_epoch_end(EpochResult(epoch, graphdef, state, metrics))
