@@ -80,6 +80,22 @@ def test_batch_order_is_a_permutation_fixed_by_seed_and_epoch():
     assert not np.array_equal(order, epoch_batch_indices(1, 1, 100, 32))
 
 
+def test_the_compiled_training_chunk_copies_no_weights():
+    """Copies of weight matrices inside the scan cost a memory pass per step; the compiler options remove them."""
+    import re
+
+    from vaecli.train import device_split, init_train_state, make_train_chunk, padded_to_chunks
+
+    config, dataset = small_config(**TINY), tiny_dataset()
+    graphdef, state = init_train_state(config, dataset.image_shape)
+    steps_per_epoch = len(dataset.train_images) // config.train.batch_size
+    batches = padded_to_chunks(epoch_batch_indices(0, 1, len(dataset.train_images), config.train.batch_size), 4)
+    chunk = make_train_chunk(graphdef, config, steps_per_epoch, steps_per_chunk=4)
+    compiled = chunk.lower(state, device_split(config, dataset.train_images, 0), batches, 0).compile().as_text()
+    copied_arrays = re.findall(r"= (f32\[\d+(?:,\d+)*\])\S* copy\(", compiled)
+    assert copied_arrays == []
+
+
 def test_a_batch_larger_than_the_training_set_is_refused():
     with pytest.raises(ConfigError, match=r"train\.batch_size 512 is larger than the 256 training images"):
         train(small_config(train={"batch_size": 512}), tiny_dataset())
