@@ -1,6 +1,7 @@
 """Training, checkpoints and sampling at the library level."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,14 @@ from vaecli.data import load_dataset
 from vaecli.errors import CheckpointError, ConfigError, UsageError
 from vaecli.objectives import bernoulli_log_likelihood
 from vaecli.sample import generate, reconstruct
-from vaecli.train import epoch_batch_indices, train
+from vaecli.train import (
+    device_split,
+    epoch_batch_indices,
+    init_train_state,
+    make_train_chunk,
+    padded_to_chunks,
+    train,
+)
 
 
 def tiny_dataset(train_count=256, val_count=64):
@@ -82,10 +90,6 @@ def test_batch_order_is_a_permutation_fixed_by_seed_and_epoch():
 
 def test_the_compiled_training_chunk_copies_no_weights():
     """Copies of weight matrices inside the scan cost a memory pass per step; the compiler options remove them."""
-    import re
-
-    from vaecli.train import device_split, init_train_state, make_train_chunk, padded_to_chunks
-
     config, dataset = small_config(**TINY), tiny_dataset()
     graphdef, state = init_train_state(config, dataset.image_shape)
     steps_per_epoch = len(dataset.train_images) // config.train.batch_size

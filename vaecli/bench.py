@@ -239,13 +239,12 @@ def speed_figures(name: str, config: Config, seconds: list[float], peak: float) 
     }
 
 
-def reference_figures(dataset: Dataset, peak: float, rounds: int, epochs: int) -> dict[str, float]:
+def reference_figures(reference: Config, dataset: Dataset, peak: float, rounds: int, epochs: int) -> dict[str, float]:
     """vaecli's loop against the straightforward one on the reference MLP, in alternating rounds.
 
     A shared machine's speed drifts by several percent over a minute; alternating the two loops
     exposes both to the same drift, so their ratio means what it says.
     """
-    reference = validate_config(REFERENCE_SETTINGS, "reference MLP")
     ours: list[float] = []
     straightforward: list[float] = []
     for _ in range(rounds):
@@ -311,11 +310,11 @@ def main() -> None:
     }
     figures["matmul_peak_gflops"] = peak = matmul_peak_gflops()
     dataset = random_dataset()
-    figures.update(reference_figures(dataset, peak, arguments.rounds, arguments.epochs))
+    reference = validate_config(REFERENCE_SETTINGS, "reference MLP")
+    figures.update(reference_figures(reference, dataset, peak, arguments.rounds, arguments.epochs))
     mnist_yaml = load_config("mnist.yaml")
     mnist_seconds = vaecli_epoch_seconds(mnist_yaml, dataset, arguments.rounds * arguments.epochs)
     figures.update(speed_figures("mnist_yaml", mnist_yaml, mnist_seconds, peak))
-    reference = validate_config(REFERENCE_SETTINGS, "reference MLP")
     figures["evaluation_images_per_second"] = evaluation_images_per_second(reference, dataset)
     with tempfile.TemporaryDirectory(prefix="vaecli-bench-") as workdir:
         figures.update(command_figures(Path(workdir)))
