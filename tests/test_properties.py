@@ -3,6 +3,8 @@
 - Any bytes given as a picture: model input of the right shape, or an ImageError; nothing else.
 - Any small picture Pillow can write: read without error, right shape and dtype.
 - Any --set override: a Config, or a ConfigError whose message is one line; nothing else.
+- Every key takes a value only as YAML typed it: a bool is not a number, a whole float not an integer,
+  a quoted number not a number.
 
 Deterministic (derandomize) so CI sees the same examples every run; deadlines catch a hang.
 """
@@ -10,8 +12,11 @@ Deterministic (derandomize) so CI sees the same examples every run; deadlines ca
 from __future__ import annotations
 
 import string
+import types
+import typing
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -202,3 +207,63 @@ def test_any_text_override_is_a_config_or_a_one_line_error(override):
 @example(override="seed\x850=[]")  # U+0085 is a line break too: found by this property
 def test_any_structured_override_is_a_config_or_a_one_line_error(override):
     assert_config_or_one_line_config_error(override)
+
+
+# --- strict types: a value is taken only as YAML typed it, for every key -----------------------
+
+
+def value_types(annotation) -> set[type]:
+    """The Python types a config field's annotation admits: Literal[1, 3] -> {int}, float | None -> {float, None}."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return value_types(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(value_types(arg) for arg in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return {type(choice) for choice in typing.get_args(annotation)}
+    return {origin or annotation}
+
+
+def key_types(dotted_key: str) -> set[type]:
+    section, _, key = dotted_key.rpartition(".")
+    fields = Config.model_fields[section].annotation.model_fields if section else Config.model_fields
+    return value_types(fields[key].annotation)
+
+
+def current_value_of(config: Config, dotted_key: str):
+    value = config
+    for part in dotted_key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def current_value(dotted_key: str):
+    """The value `dotted_key` has in the shipped config the overrides are applied to."""
+    return current_value_of(load_config(SHIPPED_CONFIG), dotted_key)
+
+
+def assert_refused_naming_the_key(dotted_key: str, yaml_value: str) -> None:
+    try:
+        config = load_config(SHIPPED_CONFIG, [f"{dotted_key}={yaml_value}"])
+    except ConfigError as error:
+        assert f"{dotted_key}: " in str(error) and len(str(error).splitlines()) == 1, str(error)
+    else:
+        raise AssertionError(f"{dotted_key}={yaml_value} was taken as {current_value_of(config, dotted_key)!r}")
+
+
+@pytest.mark.parametrize("dotted_key", [key for key in real_keys() if bool not in key_types(key)])
+@pytest.mark.parametrize("yaml_bool", ["true", "false"])
+def test_a_yaml_bool_is_taken_only_by_a_yes_no_key(dotted_key, yaml_bool):
+    assert_refused_naming_the_key(dotted_key, yaml_bool)
+
+
+@pytest.mark.parametrize("dotted_key", [key for key in real_keys() if key_types(key) == {int}])
+def test_an_integer_key_refuses_a_float_even_a_whole_one(dotted_key):
+    assert_refused_naming_the_key(dotted_key, repr(float(current_value(dotted_key))))
+
+
+@pytest.mark.parametrize(
+    "dotted_key", [key for key in real_keys() if float in key_types(key) and current_value(key) is not None]
+)
+def test_a_number_key_refuses_a_quoted_number(dotted_key):
+    assert_refused_naming_the_key(dotted_key, f'"{current_value(dotted_key)}"')

@@ -7,11 +7,20 @@ allowed, so the CLI can print it as it is.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vaecli.errors import ConfigError
 
@@ -20,7 +29,19 @@ SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
 
 class _Section(BaseModel):
     # Frozen so a config cannot drift after validation; forbid extras so a typo is an error, not a no-op.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    # Strict, so a value is taken only as YAML typed it: `true` is not the integer 1 and "3" is not a
+    # number (an integer is still a valid float).
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def _list_as_tuple(value: Any) -> Any:
+    # YAML and JSON have lists, not tuples; strict mode would refuse a list for a tuple field.
+    return tuple(value) if isinstance(value, list) else value
+
+
+def Sequence(item_type: Any, **limits: Any) -> Any:
+    """A tuple field that also takes a YAML list, its items still checked strictly."""
+    return Annotated[tuple[item_type, ...], BeforeValidator(_list_as_tuple), Field(**limits)]
 
 
 DOWNLOADABLE_DATASETS = ("mnist", "fashion_mnist", "kmnist")
@@ -41,11 +62,11 @@ class DataConfig(_Section):
     binarize: Literal["none", "dynamic", "static"] = "dynamic"
     # Base URLs to download the MNIST-family files from, tried in order, instead of the built-in
     # mirrors (for a proxy or an internal mirror). Checksums are verified either way.
-    mirrors: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+    mirrors: Sequence(str, min_length=1) | None = None
     # folder only: images are scaled and centre-cropped to image_size x image_size ...
     image_size: Annotated[int, Field(ge=4, le=1024)] = 28
     # ... with 1 (grey) or 3 (RGB) channels.
-    channels: Literal[1, 3] = 1
+    channels: Annotated[int, Field(ge=1, le=3)] = 1
 
     @field_validator("dir")
     @classmethod
@@ -53,10 +74,18 @@ class DataConfig(_Section):
         # Absolute, so the saved config still finds the data when used from another folder.
         return None if value is None else str(expand_user(value).resolve())
 
+    @field_validator("channels")
+    @classmethod
+    def _grey_or_colour(cls, value: int) -> int:
+        # Not Literal[1, 3]: a Literal compares by equality, so it would take true and 1.0 for 1.
+        if value not in (1, 3):
+            raise ValueError(f"data.channels must be 1 (grey) or 3 (colour), got {value}")
+        return value
+
     @field_validator("mirrors", mode="before")
     @classmethod
     def _one_mirror_is_a_list_of_one(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
+        return (value,) if isinstance(value, str) else _list_as_tuple(value)
 
     @field_validator("mirrors")
     @classmethod
@@ -82,26 +111,50 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
-    """Encoder/decoder shape; the decoder mirrors the encoder's hidden sizes."""
+ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh", "softplus")
 
-    arch: Literal["mlp"] = "mlp"
-    # Encoder hidden widths, first layer first; the decoder uses them reversed.
-    hidden: Annotated[tuple[Annotated[int, Field(gt=0, le=65536)], ...], Field(min_length=1, max_length=16)] = (
-        512,
-        256,
-    )
+
+class ModelConfig(_Section):
+    """Encoder/decoder shape and the likelihood p(x|z); the decoder mirrors the encoder."""
+
+    # mlp: dense layers on the flattened image; conv: residual convolutional stages (square images of
+    # 28, 32 or 64 pixels), the better choice for photos and colour.
+    arch: Literal["mlp", "conv"] = "mlp"
+    # mlp: the encoder's hidden widths, first layer first; conv: the channels of each stage, each
+    # stage halving the image side. The decoder uses them reversed.
+    hidden: Sequence(Annotated[int, Field(gt=0, le=65536)], min_length=1, max_length=16) = (512, 256)
     latent_dim: Annotated[int, Field(gt=0, le=4096)] = 32
-    likelihood: Literal["bernoulli"] = "bernoulli"
+    activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]
+    # bernoulli: one probability per value, for binarized images (the MNIST likelihood protocol);
+    # logistic: a discretized logistic mixture over the 256 levels of each value, a true likelihood
+    # of 8-bit images, grey or colour, reported in bits per dimension.
+    likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
+    # Components of the logistic mixture per value (logistic only).
+    mixtures: Annotated[int, Field(ge=1, le=64)] = 5
 
 
 class TrainConfig(_Section):
-    """Optimisation settings (Adam)."""
+    """Objective and optimisation settings (Adam)."""
 
     epochs: Annotated[int, Field(gt=0, le=100_000)] = 20
     # 128 is the batch size of the reference VAE experiments; larger batches run faster per image.
     batch_size: Annotated[int, Field(gt=0, le=65536)] = 128
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    # constant: learning_rate throughout; cosine: down to 1% of it by the last step (the usual
+    # final gain of a decayed rate). Either way after lr_warmup_epochs of linear warm-up from 0.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_epochs: Annotated[float, Field(ge=0, le=100_000)] = 0.0
+    # Weight of the KL term: 1 is the ELBO (the likelihood bound); other values train a beta-VAE.
+    beta: Annotated[float, Field(ge=0, le=1000)] = 1.0
+    # The KL weight rises linearly from 0 to beta over this many epochs (0: beta from the start);
+    # a common guard against posterior collapse early in training.
+    kl_warmup_epochs: Annotated[float, Field(ge=0, le=100_000)] = 0.0
+    # Importance samples per image: 1 trains the ELBO, k > 1 the tighter IWAE bound (Burda et al.
+    # 2016), which costs about k decoder passes per image.
+    iw_samples: Annotated[int, Field(ge=1, le=4096)] = 1
+    # Decay of an exponential moving average of the weights (e.g. 0.999), used by validation,
+    # evaluate, generate and reconstruct; null: none.
+    ema: Annotated[float, Field(ge=0, lt=1)] | None = None
     # Gradients whose global norm exceeds this are scaled down to it; null: no clipping.
     clip_norm: Annotated[float, Field(gt=0)] | None = None
     # A step whose loss or gradient is not finite: false stops the run (the last checkpoint is
@@ -120,9 +173,37 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="after")
+    def _likelihood_fits_the_data(self) -> Config:
+        if self.model.likelihood == "logistic" and self.data.binarize != "none":
+            raise ValueError(
+                "model.likelihood logistic models the 256 grey levels, not binary pixels; "
+                "set data.binarize: none, or use model.likelihood: bernoulli"
+            )
+        if self.train.beta != 1 and self.train.iw_samples > 1:
+            raise ValueError(
+                "train.beta applies to the ELBO (train.iw_samples: 1); the IWAE bound is trained with beta 1"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict (tuples become lists)."""
         return self.model_dump(mode="json")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where 1e-4 (no dot) is the string "1e-4"; with strict types that would
+    refuse learning_rate: 3e-4, the way everyone writes it.
+    """
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def expand_user(path: str | Path) -> Path:
@@ -176,7 +257,7 @@ def load_config(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
     """Parse YAML text that must hold a mapping; syntax errors name the line and column."""
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=ConfigLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -198,7 +279,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not separator or not all(keys):
         raise ConfigError(f"--set {override!r} is not of the form section.key=value (e.g. train.epochs=5)")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = yaml.load(value_text, Loader=ConfigLoader) if value_text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {override!r}: the value is not valid YAML; quote it or fix it") from error
     node = raw
