@@ -13,11 +13,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import small_config
+from helpers import assert_trees_equal, tiny_config, tiny_dataset, trees_differ
 from typer.testing import CliRunner
 
-from vaecli.checkpoint import load_run, load_train_state, read_latest_meta
+from vaecli.checkpoint import load_run, load_train_state, read_latest_meta, save_checkpoint
 from vaecli.cli import app
 from vaecli.config import load_config
+from vaecli.train import train
 
 # ~190 steps an epoch with a tiny model: each epoch takes a fraction of a second, so a kill lands
 # anywhere (mid-epoch, during a checkpoint, between epochs).
@@ -141,7 +144,12 @@ def test_resume_refuses_data_of_another_shape_or_size(tmp_path, monkeypatch):
 
     pictures = write_image_folder(tmp_path / "pictures", count_per_class=6)
     monkeypatch.chdir(tmp_path)
-    settings = ["--set", f"data.dir={pictures}", "--set", "data.image_size=12", "--set", "train.batch_size=4"]
+    settings = [
+        "--set", f"data.dir={pictures}", "--set", "data.image_size=12", "--set", "train.batch_size=4",
+        # A small dense model trains in a moment; a constant rate lets the resumed run change train.epochs.
+        "--set", "model.arch=mlp", "--set", "model.hidden=[16]", "--set", "model.latent_dim=2",
+        "--set", "train.lr_schedule=constant",
+    ]  # fmt: skip
     runner = CliRunner()
     first = runner.invoke(app, ["train", "--config", "folder.yaml", *settings, "--set", "train.epochs=1"])
     assert first.exit_code == 0, first.output
@@ -166,9 +174,9 @@ def nan_after(step: int):
 
     configured = training.make_optimizer
 
-    def make_optimizer(config):
+    def make_optimizer(config, steps_per_epoch=1):
         poison = optax.scale_by_schedule(lambda count: jnp.where(count >= step, jnp.nan, 1.0))
-        return optax.chain(poison, configured(config))
+        return optax.chain(poison, configured(config, steps_per_epoch))
 
     return make_optimizer
 
@@ -216,7 +224,6 @@ def test_clip_norm_clips_the_gradient_before_adam():
     """Adam's first step is about -lr per weight whatever the gradient's scale, unless clipping makes it
     smaller than Adam's epsilon: a clip norm of 1e-12 must then shrink the step to almost nothing."""
     import jax.numpy as jnp
-    from conftest import small_config
 
     from vaecli.train import make_optimizer
 
@@ -247,11 +254,15 @@ def test_best_and_latest_checkpoints_and_evaluate(tmp_path, monkeypatch):
     missing = runner.invoke(app, ["generate", "--run", "run", "--checkpoint", "3"])
     assert missing.exit_code == 1 and f"has checkpoints {', '.join(map(str, kept))}" in missing.stderr
 
-    evaluated = runner.invoke(app, ["evaluate", "--run", "run", "--split", "val", "--checkpoint", "latest"])
+    evaluated = runner.invoke(
+        app, ["evaluate", "--run", "run", "--split", "val", "--checkpoint", "latest", "--k", "1", "--json"]
+    )
     assert evaluated.exit_code == 0, evaluated.output
-    assert f"ELBO {-metrics[-1]['val_loss']:.2f} nats per image" in evaluated.stdout  # the same estimator as training
-    test_split = runner.invoke(app, ["evaluate", "--run", "run"])
-    assert "mnist_sample test split, 500 images" in test_split.stdout
+    # The validation split again, through another binary draw and other noise: about the same -ELBO.
+    assert json.loads(evaluated.stdout)["neg_elbo_nats"] == pytest.approx(metrics[-1]["val_loss"], abs=3)
+    test_split = runner.invoke(app, ["evaluate", "--run", "run", "--k", "2"])
+    assert test_split.exit_code == 0, test_split.output
+    assert "mnist_sample test split: 500 images" in test_split.stdout
 
 
 def test_config_loads_with_the_new_training_keys():
@@ -320,9 +331,6 @@ def test_damaged_weights_and_metrics_are_one_line_errors(tmp_path, uninterrupted
 
 def test_best_is_kept_beside_the_newest_even_when_it_is_old(tmp_path):
     """Validation losses 5, 3, 4, 6, 7 with keep_checkpoints=2: steps 2 (best), 4 and 5 remain."""
-    from conftest import small_config
-    from test_train import tiny_dataset
-
     from vaecli.checkpoint import save_checkpoint
     from vaecli.train import init_train_state
 
@@ -355,3 +363,38 @@ def test_resume_refuses_a_run_drawn_with_another_random_generator(tmp_path, unin
     result = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=8"])
     assert result.exit_code == 1
     assert "drew its random numbers with threefry2x32, this vaecli uses philox2x32" in result.stderr
+
+
+def stop_at_call(number: int):
+    """A should_stop that asks to stop the `number`-th time it is asked."""
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(None)
+        return len(calls) == number
+
+    return should_stop
+
+
+def test_resuming_mid_epoch_with_every_training_aid_on_is_bit_identical(tmp_path, monkeypatch):
+    """The schedules and the moving average follow the step, so a checkpoint mid-warm-up resumes exactly."""
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3 and 2
+    aids = {
+        "epochs": 2, "ema": 0.9, "lr_schedule": "cosine", "lr_warmup_epochs": 0.5, "kl_warmup_epochs": 1.5,
+        "iw_samples": 3,
+    }  # fmt: skip
+    config, dataset = tiny_config(train=aids), tiny_dataset()
+    reference = train(config, dataset).state
+
+    # Asked after each chunk and each epoch: the 5th time is after the first chunk of epoch 2.
+    stopped = train(config, dataset, should_stop=stop_at_call(5))
+    assert stopped.stopped_in_epoch == 2 and int(stopped.state.step) == 11  # inside the 12-step KL warm-up
+    assert trees_differ(stopped.state.ema_params, stopped.state.params)
+    save_checkpoint(tmp_path, stopped.state, 2, config, dataset, epoch_finished=False)
+    restored = load_train_state(tmp_path, 11, config, dataset.image_shape)
+    resumed = train(config, dataset, start=restored).state
+
+    assert int(resumed.step) == int(reference.step) == 16
+    assert_trees_equal(resumed.params, reference.params)
+    assert_trees_equal(resumed.opt_state, reference.opt_state)
+    assert_trees_equal(resumed.ema_params, reference.ema_params)

@@ -23,12 +23,13 @@ from vaecli.config import Config, config_from_dict
 from vaecli.data import Dataset
 from vaecli.errors import CheckpointError
 from vaecli.model import VAE, build_model
-from vaecli.train import PRNG_IMPL, TrainState, make_optimizer, root_key
+from vaecli.train import PRNG_IMPL, TrainState, make_optimizer, root_key, split_model
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # 2: keeps the best by validation loss, records the PRNG key, the training-set size and whether the
-# epoch was finished (an interrupted run saves mid-epoch).
-FORMAT_VERSION = 2
+# epoch was finished (an interrupted run saves mid-epoch). 3: the likelihood, conv and objective keys,
+# the output bias, and the weights' moving average (ema_params) when train.ema is set.
+FORMAT_VERSION = 3
 META_KEYS = (
     "format_version", "step", "epoch", "epoch_finished", "train_images", "image_shape", "dataset",
     "preprocessing", "class_names", "rng_key", "prng_impl", "config",
@@ -111,14 +112,17 @@ def save_checkpoint(
     }
     # JSON has no NaN or infinity; a non-finite validation loss ranks last.
     metrics = None if val_loss is None else {RANKING_METRIC: val_loss if math.isfinite(val_loss) else 1e30}
+    items = {
+        "params": ocp.args.StandardSave(state.params),
+        "opt_state": ocp.args.StandardSave(state.opt_state),
+        "meta": ocp.args.JsonSave(meta),
+    }
+    if state.ema_params is not None:
+        items["ema_params"] = ocp.args.StandardSave(state.ema_params)
     with _manager(run_dir, create=True, keep=config.train.keep_checkpoints) as manager:
         manager.save(
             step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                opt_state=ocp.args.StandardSave(state.opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
+            args=ocp.args.Composite(**items),
             metrics=metrics,
             force=True,
         )
@@ -187,15 +191,18 @@ def load_run(run_dir: Path, which: str | int = "best") -> LoadedRun:
         image_shape = tuple(meta["image_shape"])
         # eval_shape builds the model abstractly: shapes and dtypes to restore into, no random init.
         abstract_model = nnx.eval_shape(lambda: build_model(config.model, image_shape, config.seed))
-        graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-        check_weights_fit(run_dir, step, abstract_params)
+        graphdef, abstract_params = split_model(abstract_model)
+        # With train.ema the moving average is what evaluate, generate and reconstruct use.
+        item = "params" if config.train.ema is None else "ema_params"
+        check_weights_fit(run_dir, step, abstract_params, item)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+            restore_args = ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)})
+            restored = manager.restore(step, args=restore_args)
         except Exception as error:
             raise CheckpointError(
                 f"checkpoint {step} in {run_dir} does not match its saved config ({type(error).__name__}); train again"
             ) from error
-    model = nnx.merge(graphdef, restored.params)
+    model = nnx.merge(graphdef, restored[item])
     return LoadedRun(run_dir, config, model, step, meta["epoch"], image_shape, meta["dataset"], meta["preprocessing"])
 
 
@@ -213,12 +220,12 @@ def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
     }
 
 
-def check_weights_fit(run_dir: Path, step: int, abstract_params: Any) -> None:
+def check_weights_fit(run_dir: Path, step: int, abstract_params: Any, item: str = "params") -> None:
     """Refuse, before restoring, weights whose shapes differ from what the saved config builds.
 
     (A failed Orbax restore would say the same, but less clearly and leaving asyncio work behind.)
     """
-    params_dir = Path(run_dir).absolute() / CHECKPOINT_SUBDIR / str(step) / "params"
+    params_dir = Path(run_dir).absolute() / CHECKPOINT_SUBDIR / str(step) / item
     try:
         stored_shapes = shapes_by_path(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
     except Exception as error:  # missing or damaged files: Orbax raises many types, or returns None
@@ -244,21 +251,23 @@ def read_latest_meta(run_dir: Path) -> dict[str, Any]:
 def load_train_state(run_dir: Path, step: int, config: Config, image_shape: tuple[int, ...]) -> TrainState:
     """Restore weights, optimizer state and step of checkpoint `step` (for continuing training)."""
     abstract_model = nnx.eval_shape(lambda: build_model(config.model, image_shape, config.seed))
-    _, abstract_params = nnx.split(abstract_model, nnx.Param)
+    _, abstract_params = split_model(abstract_model)
     abstract_opt_state = jax.eval_shape(make_optimizer(config).init, abstract_params)
     check_weights_fit(run_dir, step, abstract_params)
+    items = {
+        "params": ocp.args.StandardRestore(abstract_params),
+        "opt_state": ocp.args.StandardRestore(abstract_opt_state),
+    }
+    if config.train.ema is not None:
+        check_weights_fit(run_dir, step, abstract_params, "ema_params")
+        items["ema_params"] = ocp.args.StandardRestore(abstract_params)
     try:
         with _manager(run_dir, create=False) as manager:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_params),
-                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                ),
-            )
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # Orbax raises many types for a damaged or mismatched checkpoint
         raise CheckpointError(
             f"checkpoint {step} in {run_dir} does not match its saved config ({type(error).__name__}); "
             "start a new run with --out"
         ) from error
-    return TrainState(restored.params, restored.opt_state, jax.numpy.asarray(step, jax.numpy.int32))
+    ema_params = restored["ema_params"] if config.train.ema is not None else None
+    return TrainState(restored.params, restored.opt_state, jax.numpy.asarray(step, jax.numpy.int32), ema_params)

@@ -26,7 +26,7 @@ from vaecli.errors import CheckpointError, ConfigError, Interrupted, OutputError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
 from vaecli.model import VAE
-from vaecli.sample import generate, reconstruct
+from vaecli.sample import encoder_sees_binary, generate, reconstruct
 from vaecli.train import PRNG_IMPL, EpochResult, NonFiniteLoss, StepProgress, TrainState, check_trainable, train
 
 RUNS_ROOT = Path("runs")
@@ -64,13 +64,14 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     return ensure_directory(run_dir)
 
 
-def write_epoch_pictures(run_dir: Path, model: VAE, val_images: np.ndarray, epoch: int) -> None:
+def write_epoch_pictures(run_dir: Path, model: VAE, config: Config, val_images: np.ndarray, epoch: int) -> None:
     """samples/epoch_NNN.png from the prior and reconstructions/epoch_NNN.png through the posterior."""
     prior_samples = generate(model, PRIOR_PICTURE_COUNT, seed=PICTURE_SEED)
     save_png(run_dir / "samples" / f"epoch_{epoch:03d}.png", make_grid(prior_samples))
     inputs = val_images[:RECONSTRUCTION_PICTURE_COUNT]
-    reconstructions = reconstruct(model, inputs, num_samples=4, seed=PICTURE_SEED)
-    figure = reconstruction_figure(inputs.astype(np.float32) / 255.0, reconstructions)
+    binarized = encoder_sees_binary(config)
+    model_views, reconstructions = reconstruct(model, inputs, binarized, num_samples=4, seed=PICTURE_SEED)
+    figure = reconstruction_figure(model_views, reconstructions)
     save_png(run_dir / "reconstructions" / f"epoch_{epoch:03d}.png", figure)
 
 
@@ -144,6 +145,11 @@ def resumed_config(saved: Config, overrides: list[str], run_dir: Path) -> Config
     for override in overrides:
         apply_override(raw, override)
     config = validate_config(raw, source=f"--resume {run_dir}")
+    if config.train.lr_schedule == "cosine" and config.train.epochs != saved.train.epochs:
+        raise ConfigError(
+            f"--resume {run_dir}: its cosine learning-rate schedule ends at epoch {saved.train.epochs}, so "
+            "train.epochs cannot change; start a new run with --out (or train with lr_schedule: constant)"
+        )
     before, after = flatten(saved.to_dict()), flatten(config.to_dict())
     for key in sorted(before):
         if before[key] != after[key] and key not in RESUMABLE_CHANGES:
@@ -229,7 +235,7 @@ def continue_training(
         # Metrics and pictures first: a run killed in between has them for every checkpointed epoch,
         # and resuming drops what belongs to epochs after its checkpoint.
         append_metrics(run_dir, result.metrics)
-        write_epoch_pictures(run_dir, result.model(), dataset.val_images, result.epoch)
+        write_epoch_pictures(run_dir, result.model(), config, dataset.val_images, result.epoch)
         saved_steps.append(
             save_checkpoint(run_dir, result.state, result.epoch, config, dataset, result.metrics["val_loss"])
         )

@@ -28,8 +28,12 @@ from flax import nnx
 from vaecli.config import Config
 from vaecli.data import Dataset
 from vaecli.errors import ConfigError
-from vaecli.model import VAE, build_model
-from vaecli.objectives import negative_elbo_terms
+from vaecli.model import VAE, build_model, check_buildable, set_output_bias
+from vaecli.objectives import (
+    importance_log_weights,
+    importance_weighted_bound,
+    kl_to_standard_normal,
+)
 
 # Purposes for jax.random.fold_in on the run's root key (and the batch order's NumPy seed): each stream of
 # randomness has its own.
@@ -37,6 +41,8 @@ STEP_NOISE_STREAM = 1
 BATCH_ORDER_STREAM = 2
 EVALUATION_STREAM = 3
 STATIC_BINARIZATION_STREAM = 4
+# The number each split's static binarization (and evaluation's fixed draw) is folded with.
+SPLIT_NUMBERS = {"train": 0, "val": 1, "test": 2}
 # Validation images per evaluation batch; the last partial batch is padded and masked.
 EVAL_BATCH_SIZE = 1000
 # Update steps per compiled call: enough to make dispatch overhead vanish, few enough that progress
@@ -59,6 +65,13 @@ class TrainState(NamedTuple):
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array  # int32 scalar: updates applied so far
+    # The exponential moving average of params (train.ema), None when off. Validation, evaluation and
+    # sampling use it; the optimizer never sees it.
+    ema_params: nnx.State | None = None
+
+    def inference_params(self) -> nnx.State:
+        """The weights to evaluate and sample with: the moving average when kept, else the weights."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
 @dataclass(frozen=True)
@@ -83,8 +96,8 @@ class EpochResult:
     metrics: dict[str, Any]
 
     def model(self) -> VAE:
-        """The model with this epoch's weights."""
-        return nnx.merge(self.graphdef, self.state.params)
+        """The model with this epoch's weights (their moving average when train.ema is set)."""
+        return nnx.merge(self.graphdef, self.state.inference_params())
 
 
 def root_key(seed: int) -> jax.Array:
@@ -138,21 +151,86 @@ def device_split(config: Config, images_uint8: np.ndarray, split_number: int) ->
     return binarize_once(images, static_key)
 
 
-def negative_elbo(model: VAE, images_uint8: jax.Array, key: jax.Array, binarize: str):
-    """Per-image (reconstruction, KL) for one batch, with z drawn from q(z|x) by reparameterization."""
+class ImageLosses(NamedTuple):
+    """Per-image terms of one batch, in nats: the objective trained, and the ELBO's two parts."""
+
+    loss: jax.Array  # -ELBO with the KL weighted (k = 1), or -IWAE bound (k > 1)
+    reconstruction: jax.Array  # -log p(x|z), averaged over the k samples
+    kl: jax.Array  # KL(q(z|x) || p(z)), analytic
+
+
+def image_losses(
+    model: VAE, targets: jax.Array, noise_key: jax.Array, kl_weight: jax.Array | float = 1.0, samples: int = 1
+) -> ImageLosses:
+    """The objective for a batch of targets [batch, values] in [0, 1], with z ~ q(z|x) by reparameterization.
+
+    samples = 1: reconstruction + kl_weight * KL (the analytic KL, lower variance than sampling it).
+    samples = k > 1: the negative IWAE bound -log (1/k) sum_k p(x|z_k) p(z_k)^w / q(z_k|x)^w, w = kl_weight.
+    """
+    posterior_mean, posterior_log_variance = model.encode(targets)
+    kl = kl_to_standard_normal(posterior_mean, posterior_log_variance)
+    noise = jax.random.normal(noise_key, (samples, *posterior_mean.shape), posterior_mean.dtype)
+    latents = posterior_mean + jnp.exp(0.5 * posterior_log_variance) * noise
+    if samples == 1:  # decoded without the axis of one sample, which costs XLA two transposed copies per step
+        reconstruction = -model.likelihood.log_prob(model.decode(latents[0]), targets)
+        return ImageLosses(reconstruction + kl_weight * kl, reconstruction, kl)
+    log_likelihood = model.likelihood.log_prob(model.decode(latents), targets)  # [samples, batch]
+    reconstruction = -jnp.mean(log_likelihood, axis=0)
+    log_weights = importance_log_weights(log_likelihood, latents, noise, posterior_log_variance, kl_weight)
+    return ImageLosses(-importance_weighted_bound(log_weights, axis=0), reconstruction, kl)
+
+
+def batch_image_losses(
+    model: VAE, images_uint8: jax.Array, key: jax.Array, binarize: str, kl_weight=1.0, samples: int = 1
+) -> ImageLosses:
+    """image_losses() of a uint8 batch, binarized first when `binarize` is dynamic (with part of `key`)."""
     binarize_key, noise_key = jax.random.split(key)
     targets = bernoulli_targets(images_uint8, binarize_key, binarize)
-    logits, posterior_mean, posterior_log_variance = model(targets, noise_key)
-    return negative_elbo_terms(logits, targets, posterior_mean, posterior_log_variance)
+    return image_losses(model, targets, noise_key, kl_weight, samples)
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """Adam at the configured learning rate, after global-norm clipping when train.clip_norm is set.
+def kl_weight_at(config: Config, steps_per_epoch: int, step: jax.Array) -> jax.Array:
+    """The KL weight of update `step` (0-based): rising linearly to train.beta over kl_warmup_epochs."""
+    warmup_steps = config.train.kl_warmup_epochs * steps_per_epoch
+    if warmup_steps <= 0:
+        return jnp.asarray(config.train.beta, jnp.float32)
+    return config.train.beta * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warmup_steps)
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The moving average's decay at update `step`: min(decay, (1 + step) / (10 + step)).
+
+    A fixed 0.999 would still weigh the random initial weights by e^-1 after 1,000 steps; the warm-up
+    (as in TensorFlow's ExponentialMovingAverage with num_updates) makes the average follow the
+    weights closely at first, so short runs gain from it too.
+    """
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    """train.learning_rate after a linear warm-up of lr_warmup_epochs; cosine-decayed to 1% when asked."""
+    peak = config.train.learning_rate
+    warmup_steps = round(config.train.lr_warmup_epochs * steps_per_epoch)
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.lr_schedule == "cosine":
+        decay_steps = max(total_steps, warmup_steps + 1)
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, decay_steps, end_value=peak / 100)
+    if warmup_steps == 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps]
+    )
+
+
+def make_optimizer(config: Config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """Adam on the configured schedule, after global-norm clipping when train.clip_norm is set.
 
     With train.skip_nonfinite, optax's apply_if_finite leaves the state untouched on a step whose
     update is not finite (and counts it), instead of letting one NaN poison every weight.
+    The state's structure does not depend on steps_per_epoch (only the schedule's values do).
     """
-    optimizer = optax.adam(config.train.learning_rate)
+    optimizer = optax.adam(learning_rate_schedule(config, steps_per_epoch))
     if config.train.clip_norm is not None:
         optimizer = optax.chain(optax.clip_by_global_norm(config.train.clip_norm), optimizer)
     if config.train.skip_nonfinite:
@@ -160,12 +238,35 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optimizer
 
 
-def init_train_state(config: Config, image_shape: tuple[int, ...]) -> tuple[nnx.GraphDef, TrainState]:
-    """A fresh model (weights from the seed) and optimizer state at step 0."""
+def split_model(model: VAE) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graph definition, parameters), refusing a model that holds state other than parameters.
+
+    TrainState, the checkpoints and the jitted step carry parameters only: a layer with running
+    statistics (BatchNorm) would silently lose them, so the conv model normalises with GroupNorm.
+    """
+    graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    other_leaves = jax.tree_util.tree_leaves_with_path(other)
+    if other_leaves:
+        first_path = "/".join(str(getattr(key, "key", key)) for key in other_leaves[0][0])
+        raise ConfigError(
+            f"the model holds {len(other_leaves)} arrays of state besides its parameters ({first_path} ...), "
+            "which vaecli does not train or checkpoint; use layers without running statistics (GroupNorm, "
+            "not BatchNorm)"
+        )
+    return graphdef, params
+
+
+def init_train_state(
+    config: Config, image_shape: tuple[int, ...], train_images: np.ndarray | None = None
+) -> tuple[nnx.GraphDef, TrainState]:
+    """A fresh model (weights from the seed; output bias from `train_images` when given) at step 0."""
     model = build_model(config.model, image_shape, config.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
+    if train_images is not None:
+        set_output_bias(model, train_images)
+    graphdef, params = split_model(model)
     opt_state = make_optimizer(config).init(params)
-    return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+    ema_params = None if config.train.ema is None else jax.tree.map(jnp.copy, params)
+    return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32), ema_params)
 
 
 def make_train_chunk(
@@ -178,28 +279,15 @@ def make_train_chunk(
     leave the state untouched, so an epoch of any length needs one compilation.
     Returns the new state and the K losses (0 for the skipped steps).
     """
-    optimizer = make_optimizer(config)
-    step_key = jax.random.fold_in(root_key(config.seed), STEP_NOISE_STREAM)
-    binarize = step_binarization(config)
+    update = make_update(graphdef, config, steps_per_epoch)
+    if steps_per_chunk == 1:  # one step per call: the caller never asks for a step past the epoch's end
 
-    def batch_loss(params, images_uint8, key):
-        reconstruction, kl = negative_elbo(nnx.merge(graphdef, params), images_uint8, key, binarize)
-        return jnp.mean(reconstruction + kl)
+        def single_step(state: TrainState, train_images: jax.Array, epoch_batches: jax.Array, first_step: jax.Array):
+            batch_indices = jax.lax.dynamic_index_in_dim(epoch_batches, first_step, keepdims=False)
+            state, loss = update(state, train_images[batch_indices])
+            return state, loss[None]
 
-    def update(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:
-        key = jax.random.fold_in(step_key, state.step)
-        loss, grads = jax.value_and_grad(batch_loss)(state.params, batch_images, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        # Only the loss is checked on every step: a norm over all gradients and updates cost a quarter
-        # of the step (measured). A non-finite gradient or update makes the weights, and so the next
-        # loss, non-finite: caught one step later, before any checkpoint. When skipping,
-        # apply_if_finite has dropped such a step (non-finite gradient) and counted it.
-        finite = jnp.isfinite(loss)
-        if config.train.skip_nonfinite:
-            skipped_before = optax.tree_utils.tree_get(state.opt_state, "total_notfinite")
-            finite &= optax.tree_utils.tree_get(opt_state, "total_notfinite") == skipped_before
-        reported_loss = jnp.where(finite, loss, jnp.nan)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), reported_loss
+        return jax.jit(single_step, donate_argnums=0)
 
     def skip(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:
         return state, jnp.zeros((), jnp.float32)
@@ -214,6 +302,56 @@ def make_train_chunk(
 
     # The old state is donated: its buffers are reused for the new one instead of copied.
     return jax.jit(chunk, donate_argnums=0, compiler_options=TRAIN_COMPILER_OPTIONS)
+
+
+def make_update(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int) -> Callable:
+    """update(state, batch_images_uint8) -> (state after one step, the step's loss or NaN): one plain step.
+
+    The noise (binarization, reparameterization) of step s comes from fold_in(step_key, s), so a
+    step's outcome depends only on the state and the batch: the chunked loop and a plain loop agree.
+    """
+    optimizer = make_optimizer(config, steps_per_epoch)
+    step_key = jax.random.fold_in(root_key(config.seed), STEP_NOISE_STREAM)
+    binarize = step_binarization(config)
+    samples = config.train.iw_samples
+    ema_decay = config.train.ema
+
+    def batch_loss(params, images_uint8, key, kl_weight):
+        model = nnx.merge(graphdef, params)
+        return jnp.mean(batch_image_losses(model, images_uint8, key, binarize, kl_weight, samples).loss)
+
+    def update(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:
+        key = jax.random.fold_in(step_key, state.step)
+        kl_weight = kl_weight_at(config, steps_per_epoch, state.step)
+        loss, grads = jax.value_and_grad(batch_loss)(state.params, batch_images, key, kl_weight)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # Only the loss is checked on every step: a norm over all gradients and updates cost a quarter
+        # of the step (measured). A non-finite gradient or update makes the weights, and so the next
+        # loss, non-finite: caught one step later, before any checkpoint. When skipping,
+        # apply_if_finite has dropped such a step (non-finite gradient) and counted it.
+        finite = jnp.isfinite(loss)
+        if config.train.skip_nonfinite:
+            skipped_before = optax.tree_utils.tree_get(state.opt_state, "total_notfinite")
+            finite &= optax.tree_utils.tree_get(opt_state, "total_notfinite") == skipped_before
+        reported_loss = jnp.where(finite, loss, jnp.nan)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_decay is not None:
+            decay = ema_decay_at(ema_decay, state.step)
+            ema_params = jax.tree.map(lambda ema, new: decay * ema + (1 - decay) * new, ema_params, params)
+        return TrainState(params, opt_state, state.step + 1, ema_params), reported_loss
+
+    return update
+
+
+def steps_per_chunk_for(config: Config) -> int:
+    """Update steps per compiled call: STEPS_PER_CHUNK, or 1 for the conv model.
+
+    XLA's CPU backend runs convolutions inside a loop (lax.scan) an order of magnitude slower than
+    the same convolutions at the top level (measured: 5 steps of the 32x32x3 conv model took 23 s in
+    a scan, 1.6 s as 5 calls); a conv step is long enough that dispatching each one costs nothing.
+    """
+    return 1 if config.model.arch == "conv" else STEPS_PER_CHUNK
 
 
 def epoch_batch_indices(seed: int, epoch: int, num_images: int, batch_size: int) -> np.ndarray:
@@ -234,8 +372,20 @@ def padded_to_chunks(epoch_batches: np.ndarray, steps_per_chunk: int) -> np.ndar
     return np.pad(epoch_batches, ((0, missing), (0, 0)))
 
 
+class Evaluation(NamedTuple):
+    """A split's mean per-image figures in nats: the bound trained (k = train.iw_samples, KL weight 1), the ELBO."""
+
+    loss: float  # -ELBO, or -IWAE bound with k = train.iw_samples
+    reconstruction: float
+    kl: float
+
+    @property
+    def negative_elbo(self) -> float:
+        return self.reconstruction + self.kl
+
+
 def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> Callable:
-    """evaluate(params, images) -> (mean negative ELBO, mean reconstruction, mean KL) in nats/image.
+    """evaluate(params, images) -> Evaluation (mean loss, reconstruction and KL in nats per image).
 
     One compiled call scans fixed-size batches (the last one padded and masked), so evaluation
     compiles once per run; a fixed key makes the estimate the same function of the weights every
@@ -248,6 +398,7 @@ def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> C
     batch_indices = jnp.asarray(np.minimum(padded_indices, num_images - 1), jnp.int32)
     eval_key = jax.random.fold_in(root_key(config.seed), EVALUATION_STREAM)
     binarize = step_binarization(config)
+    samples = config.train.iw_samples
 
     @jax.jit
     def totals(params, images_uint8):
@@ -256,15 +407,19 @@ def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> C
         def batch_sums(running, batch):
             indices, mask, batch_number = batch
             key = jax.random.fold_in(eval_key, batch_number)
-            reconstruction, kl = negative_elbo(model, images_uint8[indices], key, binarize)
-            return running + jnp.stack([jnp.sum(reconstruction * mask), jnp.sum(kl * mask)]), None
+            terms = batch_image_losses(model, images_uint8[indices], key, binarize, 1.0, samples)
+            sums = [jnp.sum(term * mask) for term in (terms.loss, terms.reconstruction, terms.kl)]
+            return running + jnp.stack(sums), None
 
         batches = (batch_indices, masks, jnp.arange(num_batches))
-        return jax.lax.scan(batch_sums, jnp.zeros(2, jnp.float32), batches)[0]
+        # Unrolled for the conv model: see steps_per_chunk_for for XLA's slow convolutions in loops.
+        unroll = config.model.arch == "conv"
+        return jax.lax.scan(batch_sums, jnp.zeros(3, jnp.float32), batches, unroll=unroll)[0]
 
-    def evaluate(params, images_uint8: jax.Array) -> tuple[float, float, float]:
-        reconstruction, kl = (float(total) / num_images for total in totals(params, images_uint8))
-        return reconstruction + kl, reconstruction, kl
+    def evaluate(params, images_uint8: jax.Array) -> Evaluation:
+        loss, reconstruction, kl = (float(total) / num_images for total in totals(params, images_uint8))
+        # With one sample the bound is the ELBO: the same number, not one rounded differently.
+        return Evaluation(reconstruction + kl if samples == 1 else loss, reconstruction, kl)
 
     return evaluate
 
@@ -299,6 +454,7 @@ class TrainOutcome(NamedTuple):
 
 def check_trainable(config: Config, dataset: Dataset) -> None:
     """Refuse settings that cannot run on this dataset, before any compilation."""
+    check_buildable(config.model, dataset.image_shape)
     num_train = len(dataset.train_images)
     if config.train.batch_size > num_train:
         raise ConfigError(
@@ -367,17 +523,17 @@ def train(
     check_trainable(config, dataset)
 
     # ---- set-up: data on the device once, as uint8 ------------------------------------------------
-    train_images = device_split(config, dataset.train_images, split_number=0)
-    val_images = device_split(config, dataset.val_images, split_number=1)
+    train_images = device_split(config, dataset.train_images, SPLIT_NUMBERS["train"])
+    val_images = device_split(config, dataset.val_images, SPLIT_NUMBERS["val"])
     if start is None:
-        graphdef, state = init_train_state(config, dataset.image_shape)
+        graphdef, state = init_train_state(config, dataset.image_shape, dataset.train_images)
     else:  # resuming: only the model's structure is needed, not a fresh random initialisation
         abstract_model = nnx.eval_shape(lambda: build_model(config.model, dataset.image_shape, config.seed))
-        graphdef = nnx.split(abstract_model, nnx.Param)[0]
+        graphdef = split_model(abstract_model)[0]
         state = start
     batch_size = config.train.batch_size
     steps_per_epoch = len(dataset.train_images) // batch_size
-    steps_per_chunk = STEPS_PER_CHUNK
+    steps_per_chunk = steps_per_chunk_for(config)
     train_chunk = make_train_chunk(graphdef, config, steps_per_epoch, steps_per_chunk)
     evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
     completed_epochs, resume_at = divmod(int(state.step), steps_per_epoch)
@@ -404,21 +560,22 @@ def train(
 
         # ---- evaluation -------------------------------------------------------------------------
         evaluation_started = time.perf_counter()
-        val_loss, val_recon, val_kl = evaluate(state.params, val_images)
+        validation = evaluate(state.inference_params(), val_images)
         val_seconds = time.perf_counter() - evaluation_started
         metrics = {
             "epoch": epoch,
             "step": int(state.step),
             **training,
-            "val_loss": val_loss,
-            "val_elbo": -val_loss,
-            "val_recon": val_recon,
-            "val_kl": val_kl,
+            "val_loss": validation.loss,
+            "val_elbo": -validation.negative_elbo,
+            "val_recon": validation.reconstruction,
+            "val_kl": validation.kl,
             "val_seconds": val_seconds,
             "epoch_seconds": training["train_seconds"] + val_seconds,
         }
         if on_epoch_end:
-            on_epoch_end(EpochResult(epoch, graphdef, state, metrics))
+            # A copy: the next chunk donates (deletes) the state's buffers, and a callback may keep it.
+            on_epoch_end(EpochResult(epoch, graphdef, jax.tree.map(jnp.copy, state), metrics))
         if should_stop is not None and should_stop() and epoch < config.train.epochs:
             return TrainOutcome(graphdef, state, epoch + 1)
     return TrainOutcome(graphdef, state, None)

@@ -1,0 +1,51 @@
+"""Helpers shared by the training and resume tests: a tiny dataset and config, and tree comparisons."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from conftest import small_config
+
+from vaecli.config import Config, DataConfig
+from vaecli.data import Dataset, load_dataset
+
+# A model that compiles in a moment: 256 training images in batches of 32 make 8 steps an epoch.
+TINY = {"model": {"hidden": [32], "latent_dim": 4}, "train": {"epochs": 2, "batch_size": 32}}
+
+
+def tiny_config(**sections) -> Config:
+    """small_config() with TINY's model and training settings, then `sections` on top of them."""
+    merged = {section: dict(values) for section, values in TINY.items()}
+    for section, values in sections.items():
+        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    return small_config(**merged)
+
+
+def tiny_dataset(train_count: int = 256, val_count: int = 64) -> Dataset:
+    """A slice of the offline digits: enough for a few fast steps."""
+    dataset = load_dataset(DataConfig())
+    return dataclasses.replace(
+        dataset, train_images=dataset.train_images[:train_count], val_images=dataset.val_images[:val_count]
+    )
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_trees_equal(first, second) -> None:
+    """Every leaf bit for bit the same (and the same number of leaves)."""
+    for left, right in zip(leaves(first), leaves(second), strict=True):
+        np.testing.assert_array_equal(left, right)
+
+
+def assert_trees_close(first, second, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    for left, right in zip(leaves(first), leaves(second), strict=True):
+        np.testing.assert_allclose(left, right, rtol=rtol, atol=atol)
+
+
+def trees_differ(first, second) -> bool:
+    """True when some leaf differs (both trees must have the same structure)."""
+    return any(not np.array_equal(left, right) for left, right in zip(leaves(first), leaves(second), strict=True))
