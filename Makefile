@@ -20,6 +20,7 @@ demo: install
 	$(BIN)/vae train --config mnist-sample --out $(DEMO_RUN) --overwrite
 	$(BIN)/vae generate --run $(DEMO_RUN) --n 64 --out $(DEMO_RUN)/prior-samples.png
 	$(BIN)/vae reconstruct --run $(DEMO_RUN) --out $(DEMO_RUN)/reconstructions.png
+	$(BIN)/vae evaluate --run $(DEMO_RUN) --k 1000
 	@echo "demo: open $(DEMO_RUN)/prior-samples.png (z ~ p(z)) and $(DEMO_RUN)/reconstructions.png (z ~ q(z|x))"
 
 test: install

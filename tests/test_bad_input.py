@@ -139,6 +139,10 @@ def train_with(*overrides: str, config: str = "mnist-sample") -> tuple[str, ...]
     return ("train", "--config", config, *(part for override in overrides for part in ("--set", override)))
 
 
+def evaluate_with(*options: str) -> tuple[str, ...]:
+    return ("evaluate", "--run", "RUN", "--json", *options)
+
+
 BAD_INPUTS = [
     # --- config files and --set ---
     pytest.param(
@@ -175,10 +179,35 @@ BAD_INPUTS = [
         BadInput(
             ("train", "--config", "flat.yaml"),
             2,
-            "flat.yaml: model must be a section with keys arch, hidden, latent_dim, likelihood",
+            "flat.yaml: model must be a section with keys arch, hidden, latent_dim, activation, likelihood, mixtures",
             write("flat.yaml", "model: [64, 32]\n"),
         ),
         id="config-section-is-a-list",
+    ),
+    pytest.param(
+        # Before the config was strict, `true` trained a model with a latent of 1.
+        BadInput(
+            train_with("model.latent_dim=true"), 2, "model.latent_dim: Input should be a valid integer (got True)"
+        ),
+        id="config-bool-for-an-integer-via-set",
+    ),
+    pytest.param(
+        BadInput(
+            train_with('train.learning_rate="3"'), 2, "train.learning_rate: Input should be a valid number (got '3')"
+        ),
+        id="config-quoted-number-via-set",
+    ),
+    pytest.param(
+        BadInput(
+            train_with("model.likelihood=logistic"),
+            2,
+            "model.likelihood logistic models the 256 grey levels, not binary pixels; set data.binarize: none",
+        ),
+        id="config-logistic-of-binary-pixels",
+    ),
+    pytest.param(
+        BadInput(train_with("train.beta=2", "train.iw_samples=5"), 2, "train.beta applies to the ELBO"),
+        id="config-beta-with-the-iwae-bound",
     ),
     pytest.param(
         BadInput(train_with("train.batch_size=-1"), 2, "train.batch_size: Input should be greater than 0 (got -1)"),
@@ -349,6 +378,31 @@ BAD_INPUTS = [
     pytest.param(
         BadInput(("generate", "--run", "RUN", "--n", "0", "--out", "out.png"), 2, "--n must be at least 1, got 0"),
         id="generate-n-zero",
+    ),
+    # --- evaluate's options, refused before any model is loaded ---
+    pytest.param(BadInput(evaluate_with("--k", "0"), 2, "--k must be at least 1, got 0"), id="evaluate-k-zero"),
+    pytest.param(
+        BadInput(evaluate_with("--images", "0"), 2, "--images must be at least 1, got 0"), id="evaluate-images-zero"
+    ),
+    pytest.param(
+        BadInput(evaluate_with("--split", "nope"), 2, "--split 'nope': choose test, val or train"),
+        id="evaluate-unknown-split",
+    ),
+    pytest.param(
+        BadInput(evaluate_with("--seed", "-1"), 2, "--seed must be between 0 and 4294967295, got -1"),
+        id="evaluate-negative-seed",
+    ),
+    pytest.param(
+        BadInput(evaluate_with("--seed", str(2**32)), 2, "--seed must be between 0 and 4294967295"),
+        id="evaluate-seed-too-large",
+    ),
+    pytest.param(
+        BadInput(evaluate_with("--checkpoint", "newest"), 2, "--checkpoint 'newest': give best, latest or a step"),
+        id="evaluate-unknown-checkpoint",
+    ),
+    pytest.param(
+        BadInput(("evaluate", "--run", "nowhere", "--json"), 1, "run directory nowhere does not exist"),
+        id="evaluate-json-run-missing",
     ),
 ]
 

@@ -1,5 +1,8 @@
 """A model trained on a folder of the user's own images, colour or not 28x28, end to end through the CLI."""
 
+import json
+import math
+
 import numpy as np
 import pytest
 from image_folders import write_image_folder
@@ -46,6 +49,13 @@ def test_train_generate_reconstruct_on_an_image_folder(tmp_path, monkeypatch, im
     if channels == 3:  # the photo rule keeps colour and does not invert: a red picture stays red
         assert arrays["inputs"][0, ..., 0].mean() > 0.7 and arrays["inputs"][0, ..., 2].mean() < 0.3
     vae("reconstruct", "--out", "test-images.png")  # no input: the run's own test images
+
+    # folder.yaml's logistic likelihood makes the figure a code length of the 8-bit pictures.
+    evaluation = json.loads(vae("evaluate", "--k", 4, "--split", "test", "--json").stdout)
+    assert evaluation["is_likelihood"] and "discretized logistic" in evaluation["protocol"]
+    values = image_size * image_size * channels
+    assert evaluation["bits_per_dim"] == pytest.approx(evaluation["nll_nats"] / (values * math.log(2)))
+    assert 0 < evaluation["bits_per_dim"] < 8  # under the 8 bits a raw byte per value costs
 
     # The second run reads the decoded cache: decoding any image now would fail the test.
     def no_decoding(*args):
