@@ -5,11 +5,14 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
+import typing
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from idx_files import write_idx_images, write_idx_labels, write_mnist_dir
+from image_folders import write_image_folder
 
 from vaecli.config import DataConfig
 from vaecli.data import DATASET_NAMES, Dataset, load_dataset
@@ -129,8 +132,50 @@ def test_dataset_split_and_image_shape(mnist_dir: Path) -> None:
         dataset.split("validation")
 
 
-def test_every_config_dataset_name_is_loadable() -> None:
-    assert DATASET_NAMES == ("mnist", "fashion_mnist", "kmnist", "mnist_sample", "folder")
+# Every name the config accepts for data.name (the Literal in DataConfig), read from the config itself.
+CONFIG_DATASET_NAMES = typing.get_args(DataConfig.model_fields["name"].annotation)
+
+
+def idx_family_config(name: str, tmp_path: Path) -> DataConfig:
+    """`name` read from small IDX files already in place: the loader is reached and nothing is downloaded."""
+    return DataConfig(
+        name=name, dir=str(write_mnist_dir(tmp_path / name, n_train=60, n_test=12)), mirrors=(UNREACHABLE_MIRROR,)
+    )
+
+
+def folder_config(tmp_path: Path) -> DataConfig:
+    """2 x 10 small colour pictures (and one corrupt file, skipped): 16 train, 2 validation, 2 test."""
+    pictures = write_image_folder(tmp_path / "pictures", count_per_class=10)
+    return DataConfig(name="folder", dir=str(pictures), image_size=12, channels=3, binarize="none")
+
+
+# How a test reaches each dataset's loader offline, and the split sizes and image shape that come back.
+OFFLINE_DATASETS = {
+    "mnist": (partial(idx_family_config, "mnist"), (50, 10, 12), (28, 28)),
+    "fashion_mnist": (partial(idx_family_config, "fashion_mnist"), (50, 10, 12), (28, 28)),
+    "kmnist": (partial(idx_family_config, "kmnist"), (50, 10, 12), (28, 28)),
+    "mnist_sample": (lambda tmp_path: DataConfig(name="mnist_sample"), (4000, 500, 500), (28, 28)),
+    "folder": (folder_config, (16, 2, 2), (12, 12, 3)),
+}
+
+
+def test_the_loader_knows_every_name_the_config_accepts() -> None:
+    assert set(DATASET_NAMES) == set(CONFIG_DATASET_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_DATASET_NAMES)
+def test_every_config_dataset_name_is_loadable(name: str, tmp_path: Path) -> None:
+    assert name in OFFLINE_DATASETS, f"data.name {name!r} is new: add how to load it offline to OFFLINE_DATASETS"
+    make_config, (train_count, val_count, test_count), image_shape = OFFLINE_DATASETS[name]
+
+    dataset = load_dataset(make_config(tmp_path))
+
+    assert dataset.name == name
+    assert dataset.image_shape == image_shape
+    assert [len(dataset.split(split)) for split in ("train", "val", "test")] == [train_count, val_count, test_count]
+    for split in ("train", "val", "test"):
+        assert dataset.split(split).dtype == np.uint8
+        assert dataset.split(split).max() > 0  # pictures, not empty canvases
 
 
 # ---- mnist errors: one line naming the file -------------------------------------------------------

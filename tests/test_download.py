@@ -6,7 +6,6 @@ import hashlib
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from http_server import FileServer, refused_url
 from idx_files import write_mnist_dir
@@ -14,11 +13,11 @@ from typer.testing import CliRunner
 
 from vaecli.cache import data_root, default_data_dir
 from vaecli.cli import app
-from vaecli.config import DataConfig
+from vaecli.config import DataConfig, load_config
 from vaecli.data import load_dataset
 from vaecli.data.download import download_missing
 from vaecli.data.sources import IDX_FILE_STEMS, IDX_SOURCES, DatasetSource, RemoteFile
-from vaecli.errors import DataError
+from vaecli.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -177,5 +176,44 @@ def test_the_default_data_folder_follows_the_environment(tmp_path, monkeypatch):
 
 
 def test_mirrors_in_the_config_are_base_urls():
+    # One URL is a list of one, and a base URL without its trailing slash gains one.
     assert DataConfig(name="kmnist", mirrors="http://proxy.local/kmnist").mirrors == ("http://proxy.local/kmnist/",)
-    assert np.array_equal([1], [1])
+    # Several keep the order they were given in (the order they are tried in); a slash is never doubled.
+    config = load_config(
+        "mnist", ["data.mirrors=[https://second.local/mnist, http://first.local/a/, http://third.local]"]
+    )
+    assert config.data.mirrors == ("https://second.local/mnist/", "http://first.local/a/", "http://third.local/")
+
+
+@pytest.mark.parametrize("mirror", ["ftp://mirror.local/mnist/", "mirror.local/mnist/", "file:///srv/mnist/"])
+def test_a_mirror_that_is_not_http_is_refused_in_one_line(mirror):
+    with pytest.raises(ConfigError) as raised:
+        load_config("mnist", [f"data.mirrors=[http://good.local/, {mirror}]"])
+    message = str(raised.value)
+    assert f"data.mirrors: {mirror!r} is not an http:// or https:// URL" in message
+    assert "\n" not in message
+
+
+def test_a_mirror_without_its_slash_is_where_the_files_are_fetched(server, idx_files, tmp_path, monkeypatch):
+    """The file names go under the base URL as a folder: /a/train-images..., not /atrain-images...."""
+    monkeypatch.setitem(IDX_SOURCES, "mnist", DatasetSource("mnist", ("unused/",), published(idx_files), "", ""))
+    serve(server, "/a/", idx_files)
+    server.routes.update({f"/a{name}": b"the wrong place" for name in idx_files})
+    without_slash = server.url("/a")
+    assert not without_slash.endswith("/")
+
+    dataset = load_dataset(load_config("mnist", [f"data.dir={tmp_path}", f"data.mirrors={without_slash}"]).data)
+
+    assert sorted(server.requests) == sorted(f"/a/{name}" for name in idx_files)
+    assert dataset.test_images.shape == (30, 28, 28)
+
+
+def test_mirrors_are_tried_in_the_order_given(server, idx_files, tmp_path, monkeypatch):
+    monkeypatch.setitem(IDX_SOURCES, "mnist", DatasetSource("mnist", ("unused/",), published(idx_files), "", ""))
+    serve(server, "/second/", idx_files)
+    mirrors = f"[{server.url('/first')}, {server.url('/second')}, {refused_url()}]"
+
+    load_dataset(load_config("mnist", [f"data.dir={tmp_path}", f"data.mirrors={mirrors}"]).data)
+
+    # Each file: the first mirror (404), then the second, which has it; the third is never asked.
+    assert server.requests == [f"/{mirror}/{name}" for name in idx_files for mirror in ("first", "second")]
