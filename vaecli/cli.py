@@ -319,7 +319,9 @@ def evaluation_table(loaded, result):
         ("KL per dimension", top + (", ..." if result.latent_dim > 6 else ""), "largest first, nats"),
         (
             "aggregate posterior",
-            f"KL {aggregate['kl_moment_matched_to_prior']:.2f} nats",
+            "n/a"
+            if aggregate["kl_moment_matched_to_prior"] is None
+            else f"KL {aggregate['kl_moment_matched_to_prior']:.2f} nats",
             f"moment-matched Gaussian of all q(z|x) vs N(0, I); |mean| {aggregate['mean_norm']:.2f}",
         ),
         ("protocol", "", result.protocol),

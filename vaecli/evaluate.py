@@ -196,7 +196,8 @@ def aggregate_posterior_summary(totals: _Totals) -> dict[str, Any]:
     covariance_of_means = totals.mean_outer / count - np.outer(mean, mean)
     covariance = covariance_of_means + np.diag(totals.variance / count)
     sign, log_det = np.linalg.slogdet(covariance)
-    kl = 0.5 * (np.trace(covariance) + mean @ mean - latent_dim - log_det) if sign > 0 else math.inf
+    # None (JSON null) when the covariance is singular, e.g. fewer images than latent dimensions.
+    kl = 0.5 * (np.trace(covariance) + mean @ mean - latent_dim - log_det) if sign > 0 else None
     return {
         "mean": mean.tolist(),
         "covariance_of_means": covariance_of_means.tolist() if latent_dim <= 64 else None,
@@ -204,7 +205,7 @@ def aggregate_posterior_summary(totals: _Totals) -> dict[str, Any]:
         "mean_posterior_variance": (totals.variance / count).tolist(),
         "mean_norm": float(np.linalg.norm(mean)),
         "total_variance_per_dim": np.diag(covariance).tolist(),
-        "kl_moment_matched_to_prior": float(kl),
+        "kl_moment_matched_to_prior": None if kl is None else float(kl),
     }
 
 

@@ -119,7 +119,8 @@ class DiscretizedLogisticMixture:
         """
         logits, means, _ = self._components(_split_values(decoder_output, self.params_per_value))
         expected = jnp.sum(jax.nn.softmax(logits, axis=-1) * jnp.clip(means, -1.0, 1.0), axis=-1)
-        return (expected + 1.0) / 2.0
+        # The weights sum to 1 only to within rounding: a mean of 1.0000001 would not be an image.
+        return jnp.clip((expected + 1.0) / 2.0, 0.0, 1.0)
 
     def sample(self, key: jax.Array, decoder_output: jax.Array) -> jax.Array:
         """Per value: a component drawn by its weight, a logistic draw from it, clipped and rounded to a level."""
