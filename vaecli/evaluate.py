@@ -26,6 +26,7 @@ from vaecli.config import Config
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
 from vaecli.likelihoods import bits_per_dim
+from vaecli.model import latents_from_noise
 from vaecli.objectives import importance_log_weights, kl_per_dimension
 from vaecli.sample import sampling_key
 from vaecli.train import SPLIT_NUMBERS, binarize_once, device_split, intensities, split_model
@@ -132,7 +133,7 @@ def _importance_step(
         )
     )(image_keys)
     noise = jnp.swapaxes(noise, 0, 1)  # [samples, images, latent]
-    latents = mean + jnp.exp(0.5 * log_variance) * noise
+    latents = latents_from_noise(mean, log_variance, noise)
     log_likelihood = model.likelihood.log_prob(model.decode(latents), targets)
     log_weights = importance_log_weights(log_likelihood, latents, noise, log_variance)
     in_range = (sample_indices < k)[:, None]  # samples past k (the last step rounds up) take no part

@@ -96,17 +96,15 @@ class VAE(nnx.Module):
         """[..., latent] -> the likelihood's parameters [..., values * params_per_value]."""
         return self.decoder(latents) + self.output_bias[...]
 
-    def __call__(self, pixels: jax.Array, noise_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Encode, draw z ~ q(z|x) by reparameterization, decode: (decoder output, mean, log_variance)."""
-        posterior_mean, posterior_log_variance = self.encode(pixels)
-        latents = reparameterize(noise_key, posterior_mean, posterior_log_variance)
-        return self.decode(latents), posterior_mean, posterior_log_variance
+
+def latents_from_noise(mean: jax.Array, log_variance: jax.Array, noise: jax.Array) -> jax.Array:
+    """z = mu + sigma * eps for given eps (any leading sample axes): q(z|x)'s samples, gradients flowing."""
+    return mean + jnp.exp(0.5 * log_variance) * noise
 
 
 def reparameterize(key: jax.Array, mean: jax.Array, log_variance: jax.Array) -> jax.Array:
     """z = mu + sigma * eps with eps ~ N(0, I): a sample of q(z|x) that gradients flow through."""
-    noise = jax.random.normal(key, mean.shape, mean.dtype)
-    return mean + jnp.exp(0.5 * log_variance) * noise
+    return latents_from_noise(mean, log_variance, jax.random.normal(key, mean.shape, mean.dtype))
 
 
 def check_buildable(config: ModelConfig, image_shape: tuple[int, ...]) -> None:

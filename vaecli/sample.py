@@ -29,7 +29,7 @@ from vaecli.images import (
     save_npz_streamed,
     save_png,
 )
-from vaecli.model import VAE
+from vaecli.model import VAE, latents_from_noise
 from vaecli.train import bernoulli_draw, intensities
 
 # Images decoded per compiled call: bounds device memory for any --n.
@@ -114,7 +114,7 @@ def _reconstruct_batch(graphdef, params, views, seed_key, first_index, num_sampl
         indices = first_index + jnp.arange(views.shape[0])
         input_keys = jax.vmap(lambda index: jax.random.fold_in(seed_key, index))(indices)
         noise = jax.vmap(lambda key: _per_index_normal(key, jnp.arange(num_samples), (model.latent_dim,)))(input_keys)
-        latents = posterior_mean[:, None, :] + jnp.exp(0.5 * posterior_log_variance)[:, None, :] * noise
+        latents = latents_from_noise(posterior_mean[:, None, :], posterior_log_variance[:, None, :], noise)
     return model.likelihood.mean(model.decode(latents.reshape(-1, model.latent_dim)))
 
 

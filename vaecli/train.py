@@ -28,7 +28,7 @@ from flax import nnx
 from vaecli.config import Config
 from vaecli.data import Dataset
 from vaecli.errors import ConfigError
-from vaecli.model import VAE, build_model, check_buildable, set_output_bias
+from vaecli.model import VAE, build_model, check_buildable, latents_from_noise, set_output_bias
 from vaecli.objectives import (
     importance_log_weights,
     importance_weighted_bound,
@@ -170,7 +170,7 @@ def image_losses(
     posterior_mean, posterior_log_variance = model.encode(targets)
     kl = kl_to_standard_normal(posterior_mean, posterior_log_variance)
     noise = jax.random.normal(noise_key, (samples, *posterior_mean.shape), posterior_mean.dtype)
-    latents = posterior_mean + jnp.exp(0.5 * posterior_log_variance) * noise
+    latents = latents_from_noise(posterior_mean, posterior_log_variance, noise)
     if samples == 1:  # decoded without the axis of one sample, which costs XLA two transposed copies per step
         reconstruction = -model.likelihood.log_prob(model.decode(latents[0]), targets)
         return ImageLosses(reconstruction + kl_weight * kl, reconstruction, kl)
