@@ -17,6 +17,7 @@ from vaecli.likelihoods import (
 )
 
 ALL_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255)
+BIN = 2 / 255  # a level's width in x' = 2x - 1
 
 
 @pytest.fixture(autouse=True)
@@ -226,6 +227,120 @@ def test_logistic_samples_are_levels_drawn_with_the_probabilities_of_log_prob():
         assert chdtrc(len(expected) - 1, statistic) > 1e-3, f"value {value}: chi-square {statistic:.1f}"
 
 
+def colour_output(logits, means, log_scales, coefficients) -> jax.Array:
+    """Colour decoder output [..., pixels * 3 * 4M] from per-value parameters [..., pixels, 3, M]."""
+    parameters = np.concatenate([logits, means, log_scales, coefficients], axis=-1).astype(np.float32)
+    return jnp.asarray(parameters.reshape(*parameters.shape[:-3], -1))
+
+
+def raw_coefficient(coefficient: float) -> float:
+    """The decoder output whose tanh is `coefficient`."""
+    return math.atanh(coefficient)
+
+
+@pytest.mark.parametrize("mixtures", [1, 3])
+def test_colour_masses_over_all_256_cubed_levels_of_a_pixel_sum_to_one(mixtures):
+    likelihood = DiscretizedLogisticMixture(mixtures, channels=3)
+    rng = np.random.default_rng(10 + mixtures)
+    shape = (1, 3, mixtures)  # one pixel
+    output = colour_output(
+        rng.normal(0, 2, shape), rng.uniform(-1.5, 1.5, shape), rng.uniform(-5, 1, shape), rng.normal(0, 1, shape)
+    )
+    levels = jnp.asarray(ALL_LEVELS)
+    green, blue = (grid.ravel() for grid in jnp.meshgrid(levels, levels, indexing="ij"))
+
+    @jax.jit
+    def log_mass_with_red(red):
+        targets = jnp.stack([jnp.full_like(green, red), green, blue], axis=-1)
+        return jax.nn.logsumexp(likelihood.log_prob(jnp.broadcast_to(output, (green.size, output.size)), targets))
+
+    log_total = jax.nn.logsumexp(jax.lax.map(log_mass_with_red, levels))
+
+    assert float(log_total) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_colour_mixture_codes_g_and_b_as_corrections_to_r():
+    # Grey pixels (R = G = B) of random levels. With a = 1 (G on R) and c = 1 (B on G) and sharp G and B, the
+    # pixel costs what R alone costs; with no coupling G and B each cost as much as R again.
+    rng = np.random.default_rng(6)
+    pixels = 200
+    grey = rng.integers(0, 256, pixels) / 255
+    targets = jnp.asarray(np.repeat(grey, 3)[None], jnp.float32)  # one image of 200 grey pixels
+    means = np.zeros((pixels, 3, 1))
+    log_scales = np.broadcast_to(np.array([0.0, -7.0, -7.0])[:, None], (pixels, 3, 1))
+    wide = np.array([0.0, 0.0, 0.0])[:, None]
+    coupled = np.broadcast_to(
+        np.array([raw_coefficient(0.999999), 0.0, raw_coefficient(0.999999)])[:, None], (pixels, 3, 1)
+    )
+    logits = np.zeros((pixels, 3, 1))
+    likelihood = DiscretizedLogisticMixture(1, channels=3)
+    log_prob = jitted(likelihood.log_prob)
+
+    coupled_log_prob = float(log_prob(colour_output(logits, means, log_scales, coupled)[None], targets)[0])
+    red_only = DiscretizedLogisticMixture(1)
+    red_targets = jnp.asarray(grey[None], jnp.float32)
+    red_output = logistic_output(logits[:, 0], means[:, 0], log_scales[:, 0])[None]  # one image of 200 R values
+    red_log_prob = float(jitted(red_only.log_prob)(red_output, red_targets)[0])
+    wide_scales = np.broadcast_to(wide, (pixels, 3, 1))
+    independent = float(log_prob(colour_output(logits, means, wide_scales, np.zeros((pixels, 3, 1)))[None], targets)[0])
+
+    # Each of G and B puts ~97% of its mass on the level of the channel before it.
+    assert coupled_log_prob - red_log_prob == pytest.approx(2 * pixels * math.log(0.97), rel=0.2)
+    assert independent == pytest.approx(3 * red_log_prob, rel=1e-5)
+
+
+def test_colour_samples_draw_g_and_b_given_the_levels_drawn_for_r():
+    likelihood = DiscretizedLogisticMixture(2, channels=3)
+    logits = np.array([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])  # one pixel, equal weights
+    means = np.array([[[-0.6, 0.5], [0.1, 0.1], [-0.2, 0.3]]])
+    log_scales = np.array([[[-3.0, -3.0], [-7.0, -7.0], [-7.0, -7.0]]])  # R spread out, 11 scales from the midpoint
+    # a = 0.5 (G on R), b = -0.4 (B on R), c = 0.25 (B on G), the same in both components.
+    coefficients = np.array([[[0.5, 0.5], [-0.4, -0.4], [0.25, 0.25]]])
+    output = colour_output(logits, means, log_scales, np.arctanh(coefficients))
+    draws_count = 4000
+
+    draws = np.asarray(jitted(likelihood.sample)(jax.random.key(2), jnp.broadcast_to(output, (draws_count, 12 * 2))))
+
+    assert draws.shape == (draws_count, 3) and draws.dtype == np.float32
+    red, green, blue = (2 * draws[:, channel] - 1 for channel in range(3))
+    np.testing.assert_allclose(draws * 255, np.rint(draws * 255), atol=1e-4)  # levels only
+    # Both components occur, and G and B follow the R drawn (to within a level, their own sharp noise).
+    assert 0.4 < np.mean(red > -0.05) < 0.6
+    mean_green = np.where(red < -0.05, 0.1, 0.1) + 0.5 * red
+    np.testing.assert_allclose(green, mean_green, atol=1.5 * BIN)
+    mean_blue = np.where(red < -0.05, -0.2, 0.3) - 0.4 * red + 0.25 * green
+    np.testing.assert_allclose(blue, mean_blue, atol=1.5 * BIN)
+    # mean() agrees with the draws' average when the components are sharp.
+    sharp = colour_output(logits, means, np.full_like(log_scales, -7.0), np.arctanh(coefficients))
+    sharp_draws = np.asarray(jitted(likelihood.sample)(jax.random.key(3), jnp.broadcast_to(sharp, (draws_count, 24))))
+    np.testing.assert_allclose(jitted(likelihood.mean)(sharp), sharp_draws.mean(axis=0), atol=0.01)
+
+
+def test_colour_initial_bias_starts_each_channel_at_its_marginal_with_no_coupling():
+    images = np.clip(np.random.default_rng(8).normal(120, 40, (500, 2, 2, 3)), 0, 255).astype(np.uint8)
+    likelihood = DiscretizedLogisticMixture(4, channels=3)
+    targets = jnp.asarray(images.reshape(len(images), -1) / 255, jnp.float32)
+
+    bias = likelihood.initial_output_bias(images)
+
+    assert bias.shape == (12 * 16,) and likelihood.params_per_value == 16
+    np.testing.assert_allclose(jitted(likelihood.mean)(jnp.asarray(bias)), targets.mean(axis=0), atol=1e-5)
+    assert np.all(bias.reshape(12, 4, 4)[:, 3] == 0)  # tanh(0): no channel leans on another yet
+    # The same per-channel marginals as the grey mixture's, so the same likelihood at the start.
+    grey = DiscretizedLogisticMixture(4)
+    grey_bias = grey.initial_output_bias(images)
+    colour_nats = float(jnp.sum(jitted(likelihood.log_prob)(jnp.asarray(bias)[None], targets)))
+    grey_nats = float(jnp.sum(jitted(grey.log_prob)(jnp.asarray(grey_bias)[None], targets)))
+    assert colour_nats > grey_nats - 0.05 * targets.size
+
+
+def test_colour_mixture_refuses_values_that_are_not_whole_pixels():
+    with pytest.raises(ValueError, match="not whole pixels"):
+        DiscretizedLogisticMixture(2, channels=3).log_prob(jnp.zeros((1, 4 * 8)), jnp.zeros((1, 4)))
+    with pytest.raises(ValueError, match="channels=2"):
+        DiscretizedLogisticMixture(2, channels=2)
+
+
 def test_bernoulli_log_prob_matches_the_closed_form():
     logits = jnp.asarray([[-2.0, 0.0, 3.0, 0.7], [1.0, -0.5, 0.25, -4.0]])
     targets = jnp.asarray([[0.0, 1.0, 1.0, 0.2], [1.0, 0.0, 0.3, 0.0]])
@@ -316,6 +431,8 @@ def test_make_likelihood_builds_the_named_likelihood_with_its_parameter_count():
     assert make_likelihood("bernoulli", 5).params_per_value == 1
     logistic = make_likelihood("logistic", 4)
     assert logistic == DiscretizedLogisticMixture(4) and logistic.params_per_value == 12
+    colour = make_likelihood("logistic", 4, channels=3)
+    assert colour == DiscretizedLogisticMixture(4, channels=3) and colour.params_per_value == 16
     with pytest.raises(ValueError, match="gaussian"):
         make_likelihood("gaussian", 5)
     with pytest.raises(ValueError, match="mixtures=0"):

@@ -23,13 +23,14 @@ from vaecli.config import Config, config_from_dict
 from vaecli.data import Dataset
 from vaecli.errors import CheckpointError
 from vaecli.model import VAE, build_model
+from vaecli.rundir import CHECKPOINT_SUBDIR
 from vaecli.train import PRNG_IMPL, TrainState, make_optimizer, root_key, split_model
 
-CHECKPOINT_SUBDIR = "checkpoints"
 # 2: keeps the best by validation loss, records the PRNG key, the training-set size and whether the
 # epoch was finished (an interrupted run saves mid-epoch). 3: the likelihood, conv and objective keys,
-# the output bias, and the weights' moving average (ema_params) when train.ema is set.
-FORMAT_VERSION = 3
+# the output bias, and the weights' moving average (ema_params) when train.ema is set. 4: colour logistic
+# mixtures couple R, G and B (PixelCNN++), which changes the decoder's output size.
+FORMAT_VERSION = 4
 META_KEYS = (
     "format_version", "step", "epoch", "epoch_finished", "train_images", "image_shape", "dataset",
     "preprocessing", "class_names", "rng_key", "prng_impl", "config",

@@ -86,29 +86,48 @@ class Bernoulli:
 
 @dataclass(frozen=True)
 class DiscretizedLogisticMixture:
-    """A mixture of logistics over the 256 levels of each value (PixelCNN++, with values independent given z).
+    """A mixture of logistics over the 256 levels of each value (PixelCNN++), values independent given z.
 
-    Per value, P = 3 * mixtures outputs in this order: the mixtures' logits, their means and their log-scales,
-    the means and scales in x' = 2x - 1 in [-1, 1].
+    Grey (channels=1): each value has its own mixture; per value, P = 3 * mixtures outputs in this order: the
+    mixtures' logits, their means and their log-scales, the means and scales in x' = 2x - 1 in [-1, 1].
+
+    Colour (channels=3, values in R, G, B order within each pixel): PixelCNN++'s colour mixture. The three values
+    of a pixel share one mixture (its logits are the sum of the three values' logit outputs), and within a
+    component G's mean moves with R's level and B's with R's and G's, by coefficients in [-1, 1]:
+        mean_G = mu_G + a * x'_R,   mean_B = mu_B + b * x'_R + c * x'_G.
+    Natural colours are strongly correlated across channels; with this the model codes G and B as corrections
+    to R instead of paying for each afresh. Per value, P = 4 * mixtures: logits, means, log-scales, then one
+    coefficient each: R's slot holds a, G's holds b and B's holds c.
     """
 
     mixtures: int = 5
+    channels: int = 1
 
     def __post_init__(self):
         if self.mixtures < 1:
             raise ValueError(f"a logistic mixture needs at least one component, got mixtures={self.mixtures}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"a logistic mixture models 1 or 3 channels, got channels={self.channels}")
 
     @property
     def params_per_value(self) -> int:
-        return 3 * self.mixtures
+        return (3 if self.channels == 1 else 4) * self.mixtures
 
     def log_prob(self, decoder_output: jax.Array, targets: jax.Array) -> jax.Array:
         """Summed log of the mixture's mass on each target's level; targets are level / 255."""
         parameters, targets = _broadcast_batch(decoder_output, targets, self.params_per_value)
-        logits, means, log_scales = self._components(parameters)
         # Rounding makes the level exact whatever float error the division by 255 left.
-        levels = jnp.round(targets * (LEVELS - 1))[..., None]
-        log_masses = jax.nn.log_softmax(logits, axis=-1) + _log_bin_mass(levels, means, log_scales)
+        levels = jnp.round(targets * (LEVELS - 1))
+        if self.channels == 1:
+            logits, means, log_scales = self._components(parameters)
+            log_masses = jax.nn.log_softmax(logits, axis=-1) + _log_bin_mass(levels[..., None], means, log_scales)
+            return jnp.sum(jax.nn.logsumexp(log_masses, axis=-1), axis=-1)
+        logits, means, log_scales, coefficients = self._colour_components(parameters)
+        levels = _pixel_values(levels)  # [..., pixels, 3]
+        centres = levels * BIN_WIDTH - 1.0
+        coupled_means = _coupled_means(means, coefficients, centres[..., 0, None], centres[..., 1, None])
+        log_channel_masses = _log_bin_mass(levels[..., None], coupled_means, log_scales)  # [..., pixels, 3, M]
+        log_masses = jax.nn.log_softmax(logits, axis=-1) + jnp.sum(log_channel_masses, axis=-2)
         return jnp.sum(jax.nn.logsumexp(log_masses, axis=-1), axis=-1)
 
     def mean(self, decoder_output: jax.Array) -> jax.Array:
@@ -116,26 +135,49 @@ class DiscretizedLogisticMixture:
 
         It approximates the mean of the clipped, discretized distribution: to within half a level as the scales go
         to 0, while for wide components near -1 or 1 it ignores that the tail beyond the edge piles up on the edge.
+        In colour, G's and B's component means take R's (and G's) clipped component means for their levels.
         """
-        logits, means, _ = self._components(_split_values(decoder_output, self.params_per_value))
-        expected = jnp.sum(jax.nn.softmax(logits, axis=-1) * jnp.clip(means, -1.0, 1.0), axis=-1)
+        parameters = _split_values(decoder_output, self.params_per_value)
+        if self.channels == 1:
+            logits, means, _ = self._components(parameters)
+            expected = jnp.sum(jax.nn.softmax(logits, axis=-1) * jnp.clip(means, -1.0, 1.0), axis=-1)
+        else:
+            logits, means, _, coefficients = self._colour_components(parameters)
+            red = jnp.clip(means[..., 0, :], -1.0, 1.0)
+            green = jnp.clip(means[..., 1, :] + coefficients[..., 0, :] * red, -1.0, 1.0)
+            blue = jnp.clip(means[..., 2, :] + coefficients[..., 1, :] * red + coefficients[..., 2, :] * green, -1, 1)
+            weights = jax.nn.softmax(logits, axis=-1)
+            expected = jnp.stack([jnp.sum(weights * channel, axis=-1) for channel in (red, green, blue)], axis=-1)
+            expected = expected.reshape(*expected.shape[:-2], -1)
         # The weights sum to 1 only to within rounding: a mean of 1.0000001 would not be an image.
         return jnp.clip((expected + 1.0) / 2.0, 0.0, 1.0)
 
     def sample(self, key: jax.Array, decoder_output: jax.Array) -> jax.Array:
-        """Per value: a component drawn by its weight, a logistic draw from it, clipped and rounded to a level."""
+        """Per value (per pixel in colour): a component drawn by its weight, a logistic draw from it, clipped and
+        rounded to a level; in colour R first, then G and B given the levels drawn before them."""
         component_key, noise_key = jax.random.split(key)
-        logits, means, log_scales = self._components(_split_values(decoder_output, self.params_per_value))
-        chosen = jax.random.categorical(component_key, logits, axis=-1)[..., None]
-        chosen_means = jnp.take_along_axis(means, chosen, axis=-1)[..., 0]
-        chosen_scales = jnp.exp(jnp.take_along_axis(log_scales, chosen, axis=-1)[..., 0])
-        draws = chosen_means + chosen_scales * jax.random.logistic(noise_key, chosen_means.shape, chosen_means.dtype)
-        # Rounding to the nearest level is the binning log_prob uses: level k owns x' within half a bin of its centre.
-        levels = jnp.round((jnp.clip(draws, -1.0, 1.0) + 1.0) / BIN_WIDTH)
-        return (levels / (LEVELS - 1)).astype(jnp.float32)
+        parameters = _split_values(decoder_output, self.params_per_value)
+        if self.channels == 1:
+            logits, means, log_scales = self._components(parameters)
+            chosen = jax.random.categorical(component_key, logits, axis=-1)[..., None]
+            noise = jax.random.logistic(noise_key, chosen.shape[:-1], means.dtype)
+            return _draw_level(_take(means, chosen), _take(log_scales, chosen), noise)
+        logits, means, log_scales, coefficients = self._colour_components(parameters)
+        chosen = jax.random.categorical(component_key, logits, axis=-1)[..., None, None]  # one per pixel
+        chosen = jnp.broadcast_to(chosen, (*means.shape[:-1], 1))
+        means, log_scales, coefficients = (_take(array, chosen) for array in (means, log_scales, coefficients))
+        noise = jax.random.logistic(noise_key, means.shape, means.dtype)  # [..., pixels, 3]
+        red = _draw_level(means[..., 0], log_scales[..., 0], noise[..., 0])
+        red_centre = red * 2.0 - 1.0
+        green = _draw_level(means[..., 1] + coefficients[..., 0] * red_centre, log_scales[..., 1], noise[..., 1])
+        green_centre = green * 2.0 - 1.0
+        blue_mean = means[..., 2] + coefficients[..., 1] * red_centre + coefficients[..., 2] * green_centre
+        blue = _draw_level(blue_mean, log_scales[..., 2], noise[..., 2])
+        levels = jnp.stack([red, green, blue], axis=-1)
+        return levels.reshape(*levels.shape[:-2], -1)
 
     def initial_output_bias(self, train_images_uint8: np.ndarray) -> np.ndarray:
-        """Equal weights; component means around each value's mean, scales from its spread (in x')."""
+        """Equal weights; component means around each value's mean, scales from its spread (in x'); no coupling."""
         means_01, stds_01 = _value_moments(train_images_uint8)
         value_means, value_stds = 2.0 * means_01 - 1.0, 2.0 * stds_01  # in x' = 2x - 1
         # Components that start identical get identical gradients whenever the decoder's weights are symmetric
@@ -149,22 +191,36 @@ class DiscretizedLogisticMixture:
         # A logistic of scale s has standard deviation s * pi / sqrt(3).
         component_scales = np.sqrt(component_variances) * math.sqrt(3.0) / math.pi
         log_scales = np.log(np.maximum(component_scales, math.exp(INITIAL_LOG_SCALE_FLOOR)))
-        logits = np.zeros_like(component_means)
-        per_value = np.concatenate([logits, component_means, np.repeat(log_scales[:, None], self.mixtures, 1)], 1)
-        return per_value.reshape(-1).astype(np.float32)
+        zeros = np.zeros_like(component_means)
+        blocks = [zeros, component_means, np.repeat(log_scales[:, None], self.mixtures, 1)]
+        if self.channels == 3:
+            blocks.append(zeros)  # coefficients tanh(0) = 0: each channel starts with its own marginal
+        return np.concatenate(blocks, 1).reshape(-1).astype(np.float32)
 
     def _components(self, parameters: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """[..., D, 3M] -> (logits, means, log-scales clamped at MIN_LOG_SCALE), each [..., D, M]."""
         logits, means, raw_log_scales = jnp.split(parameters, 3, axis=-1)
         return logits, means, jnp.maximum(raw_log_scales, MIN_LOG_SCALE)
 
+    def _colour_components(self, parameters: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """[..., D, 4M] -> logits [..., pixels, M]; means, clamped log-scales, coefficients [..., pixels, 3, M]."""
+        logits, means, raw_log_scales, raw_coefficients = jnp.split(
+            _pixel_values(parameters, per_value=True), 4, axis=-1
+        )
+        return (
+            jnp.sum(logits, axis=-2),
+            means,
+            jnp.maximum(raw_log_scales, MIN_LOG_SCALE),
+            jnp.tanh(raw_coefficients),
+        )
 
-def make_likelihood(name: str, mixtures: int = 5) -> Likelihood:
-    """The likelihood a config names: "bernoulli", or "logistic" with `mixtures` components per value."""
+
+def make_likelihood(name: str, mixtures: int = 5, channels: int = 1) -> Likelihood:
+    """The likelihood a config names: "bernoulli", or "logistic" with `mixtures` components (per pixel in colour)."""
     if name == "bernoulli":
         return Bernoulli()
     if name == "logistic":
-        return DiscretizedLogisticMixture(mixtures)
+        return DiscretizedLogisticMixture(mixtures, channels)
     raise ValueError(f"unknown likelihood {name!r}: expected 'bernoulli' or 'logistic'")
 
 
@@ -222,6 +278,35 @@ def _value_moments(images_uint8: np.ndarray, chunk: int = 1024) -> tuple[np.ndar
     means = sums / len(flat_images)
     variances = np.maximum(sums_of_squares / len(flat_images) - np.square(means), 0.0)
     return means / (LEVELS - 1), np.sqrt(variances) / (LEVELS - 1)
+
+
+def _pixel_values(values: jax.Array, per_value: bool = False) -> jax.Array:
+    """Group each pixel's R, G and B: levels [..., D] -> [..., D/3, 3]; parameters [..., D, P] -> [..., D/3, 3, P]."""
+    value_axis = values.ndim - (2 if per_value else 1)
+    count = values.shape[value_axis]
+    if count % 3:
+        raise ValueError(f"{count} values are not whole pixels of 3 channels (R, G, B)")
+    return values.reshape(*values.shape[:value_axis], count // 3, 3, *values.shape[value_axis + 1 :])
+
+
+def _coupled_means(means: jax.Array, coefficients: jax.Array, red: jax.Array, green: jax.Array) -> jax.Array:
+    """Each channel's component means given the pixel's R and G (in x'): [..., 3, M] with red, green [..., 1]."""
+    green_means = means[..., 1, :] + coefficients[..., 0, :] * red
+    blue_means = means[..., 2, :] + coefficients[..., 1, :] * red + coefficients[..., 2, :] * green
+    return jnp.stack([means[..., 0, :], green_means, blue_means], axis=-2)
+
+
+def _take(per_component: jax.Array, chosen: jax.Array) -> jax.Array:
+    """The chosen component's entry: [..., M] with indices [..., 1] -> [...]."""
+    return jnp.take_along_axis(per_component, chosen, axis=-1)[..., 0]
+
+
+def _draw_level(means: jax.Array, log_scales: jax.Array, logistic_noise: jax.Array) -> jax.Array:
+    """A logistic draw clipped to [-1, 1] and rounded to its level, as level / 255 (the binning log_prob uses:
+    level k owns x' within half a bin of its centre)."""
+    draws = means + jnp.exp(log_scales) * logistic_noise
+    levels = jnp.round((jnp.clip(draws, -1.0, 1.0) + 1.0) / BIN_WIDTH)
+    return (levels / (LEVELS - 1)).astype(jnp.float32)
 
 
 def _split_values(decoder_output: jax.Array, params_per_value: int) -> jax.Array:

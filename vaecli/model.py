@@ -63,7 +63,8 @@ class VAE(nnx.Module):
         self.image_shape = tuple(image_shape)
         self.num_values = math.prod(image_shape)
         self.latent_dim = config.latent_dim
-        self.likelihood: Likelihood = make_likelihood(config.likelihood, config.mixtures)
+        channels = image_shape[2] if len(image_shape) == 3 else 1  # (H, W) grey or (H, W, C)
+        self.likelihood: Likelihood = make_likelihood(config.likelihood, config.mixtures, channels)
         activation = ACTIVATION_FUNCTIONS[config.activation]
         outputs = self.num_values * self.likelihood.params_per_value
         if config.arch == "conv":
