@@ -1,7 +1,8 @@
 """Pillow/NumPy only: read a user's image into model input, tile images into grids, write PNG and NPZ.
 
 Two rules turn a picture into model input (a dataset names its rule in `Dataset.preprocessing`):
-- "digit": MNIST's — grey, light ink on black, the ink cropped, fitted in a box and centred by mass.
+- "digit": MNIST's — grey, light ink on black, the ink cropped, fitted in a box and centred by mass; a
+  photographed page first has its paper (level and lighting) taken to black and its ink stretched to 255.
 - "resize_crop": for photos — grey or RGB, the shorter side scaled to the model's size, then the
   centre cropped square; colours are kept as they are and nothing is cropped to content.
 
@@ -176,17 +177,22 @@ def _composite_on_white(picture: Image.Image) -> Image.Image:
 
 
 def prepare_grey_image(grey: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
-    """Turn a uint8 grey picture into MNIST-style model input of `image_shape`: light ink on black,
-    or, when the size differs, the ink cropped, fitted in the digit box and centred by its mass."""
+    """Turn a uint8 grey picture into MNIST-style model input of `image_shape`: light ink on black.
+
+    A picture already at that size is only inverted when its border is light. Any other picture has its
+    paper taken out (level and lighting gradient to black, ink stretched to full range), then the ink is
+    cropped, fitted in the digit box and centred by its mass.
+    """
     height, width = _target_height_width(image_shape)
-    grey = _light_ink_on_dark(np.asarray(grey))
+    grey = _checked_grey(grey)
     if grey.shape == (height, width):
-        return grey.reshape(image_shape)
-    ink_box = _ink_bounding_box(grey)
+        return _light_ink_on_dark(grey).reshape(image_shape)
+    ink = ink_on_black(grey)
+    ink_box = _ink_bounding_box(ink)
     if ink_box is None:
         return np.zeros(image_shape, dtype=np.uint8)
     top, bottom, left, right = ink_box
-    digit = _fit_inside(grey[top:bottom, left:right], _digit_box_size(height, width))
+    digit = _fit_inside(ink[top:bottom, left:right], _digit_box_size(height, width))
     return _paste_centred_by_mass(digit, height, width).reshape(image_shape)
 
 
@@ -197,10 +203,16 @@ def _target_height_width(image_shape: tuple[int, ...]) -> tuple[int, int]:
     raise ValueError(f"image_shape must be (height, width) or (height, width, 1), got {image_shape}")
 
 
-def _light_ink_on_dark(grey: np.ndarray) -> np.ndarray:
-    """Invert a picture whose border (its background) is mostly light, such as ink on paper."""
+def _checked_grey(grey: np.ndarray) -> np.ndarray:
+    """`grey` as an array, refused unless it is a non-empty uint8 [h, w] picture."""
+    grey = np.asarray(grey)
     if grey.dtype != np.uint8 or grey.ndim != 2 or grey.size == 0:
         raise ValueError(f"expected a non-empty uint8 [h, w] grey image, got {grey.dtype} {grey.shape}")
+    return grey
+
+
+def _light_ink_on_dark(grey: np.ndarray) -> np.ndarray:
+    """Invert a picture whose border (its background) is mostly light, such as ink on paper."""
     if np.median(_border_pixels(grey)) > 127:
         return 255 - grey
     return grey.copy()  # so the result never aliases the caller's array
@@ -209,6 +221,166 @@ def _light_ink_on_dark(grey: np.ndarray) -> np.ndarray:
 def _border_pixels(grey: np.ndarray) -> np.ndarray:
     """The outermost ring of pixels, where the background shows in a picture of one digit."""
     return np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
+
+
+# --- taking the paper out of a photographed digit ----------------------------------------------
+
+# The paper's lighting is modelled as a 2-D polynomial of this degree: 1 fits a tilted light (a plane),
+# 2 also fits the fall-off towards a photo's corners; higher degrees would start to bend round the digit.
+PAPER_SURFACE_DEGREE = 2
+
+# The paper is fitted to at most about this many pixels (a regular subsample): a smooth surface with
+# six coefficients needs far fewer, and a 12-megapixel phone photo stays quick.
+PAPER_FIT_PIXELS = 16_384
+
+# Rounds of fitting the surface and re-choosing which pixels are paper; the ink drops out of the fit in
+# the first round or two, so later rounds change nothing visible.
+PAPER_FIT_ROUNDS = 4
+
+# A pixel further than this many robust sigmas from the fitted surface is not paper (ink, a speck, a
+# shadow's edge); 3 keeps 99.7% of the paper's own noise in the fit.
+PAPER_SIGMAS = 3.0
+
+# Ink must rise this many robust sigmas above the paper's noise; below that it is grain or JPEG noise.
+# Gaussian noise passes it once in ~30,000 pixels, and those few are faint and far below INK_FRACTION.
+NOISE_SIGMAS = 4.0
+
+# Strokes whose level is under this many sigmas are no digit but a noise peak on blank paper: the grain
+# of blank photographed pages (grain 0.5-8 levels, JPEG quality 40-95) peaks below 7, while pencil on a
+# grainy photo stands out by ~25 and even ink only 15 levels darker than the paper by ~10.
+CLEAR_INK_SIGMAS = 8.0
+
+# This percentile of the ink becomes 255: in MNIST itself over a third of the ink pixels are 250 or
+# more, so the strong part of a stroke is saturated, and a clean black-on-white digit keeps its levels
+# (its soft edges to within the noise floor, two levels).
+STROKE_PERCENTILE = 90.0
+
+# The least noise a paper is taken to have, in grey levels. Whole-number levels carry rounding noise of
+# about 0.3 by themselves; paper that measures less (drawn on a computer, or lit to a clipped 255) would
+# otherwise make every level of JPEG ringing or lighting misfit count as ink, and a blank page a digit.
+MIN_PAPER_SIGMA = 0.5
+
+# MAD times this is the standard deviation for Gaussian noise; the MAD ignores the ink a mean would see.
+MAD_TO_SIGMA = 1.4826
+
+
+def ink_on_black(grey: np.ndarray) -> np.ndarray:
+    """Uint8 light ink on black from uint8 [h, w] `grey`, ink on paper of either polarity, however lit:
+    the paper (level and smooth lighting) maps to 0, its noise is suppressed, strong strokes reach 255.
+
+    All zeros when no ink stands out from the paper's noise (a blank sheet).
+    """
+    # Single precision: grey levels need no more, and a phone photo has 12 million of them.
+    levels = _checked_grey(grey).astype(np.float32)
+    paper, paper_sigma = _fit_paper(levels)
+    # Whole grey levels: the picture has no finer ones, and flat paper then leaves a residual of exactly 0.
+    residual = np.rint(levels - paper)
+    noise_floor = NOISE_SIGMAS * paper_sigma
+    if _ink_is_darker_than_paper(residual, noise_floor):
+        residual = -residual
+    above_noise = np.maximum(residual - noise_floor, 0.0)
+    return _stretch_strokes(above_noise, noise_floor, paper_sigma)
+
+
+def _fit_paper(levels: np.ndarray) -> tuple[np.ndarray, float]:
+    """The paper's smooth surface under float32 [h, w] `levels`, and the paper's noise around it (a robust
+    sigma, at least MIN_PAPER_SIGMA)."""
+    stride = max(1, math.ceil(math.sqrt(levels.size / PAPER_FIT_PIXELS)))
+    sampled = levels[::stride, ::stride].astype(np.float64)
+    row_terms = _polynomial_axis(levels.shape[0])[::stride]
+    column_terms = _polynomial_axis(levels.shape[1])[::stride]
+    # The border is where the paper shows in a picture of one digit: the first guess of its level and spread.
+    border = _border_pixels(levels)
+    coefficients = _flat_surface(float(np.median(border)))
+    sigma = max(_robust_sigma(border), MIN_PAPER_SIGMA)
+    for _ in range(PAPER_FIT_ROUNDS):
+        residual = sampled - _evaluate_surface(coefficients, row_terms, column_terms)
+        is_paper = np.abs(residual) <= PAPER_SIGMAS * sigma
+        coefficients = _fit_surface(sampled, is_paper, row_terms, column_terms)
+        paper_residual = (sampled - _evaluate_surface(coefficients, row_terms, column_terms))[is_paper]
+        sigma = max(_robust_sigma(paper_residual), MIN_PAPER_SIGMA)
+    row_terms, column_terms = (_polynomial_axis(length).astype(np.float32) for length in levels.shape)
+    return _evaluate_surface(coefficients.astype(np.float32), row_terms, column_terms), sigma
+
+
+def _polynomial_axis(length: int) -> np.ndarray:
+    """Powers 0..PAPER_SURFACE_DEGREE of a coordinate running -1..1 along an axis of `length`: [length, degree + 1]."""
+    half_span = max((length - 1) / 2, 1.0)  # a one-pixel axis is all 0, not a division by zero
+    coordinate = (np.arange(length) - (length - 1) / 2) / half_span
+    return coordinate[:, None] ** np.arange(PAPER_SURFACE_DEGREE + 1)
+
+
+def _surface_powers() -> list[tuple[int, int]]:
+    """(row power, column power) of each term of a 2-D polynomial of total degree PAPER_SURFACE_DEGREE."""
+    return [
+        (row_power, total - row_power) for total in range(PAPER_SURFACE_DEGREE + 1) for row_power in range(total + 1)
+    ]
+
+
+def _fit_surface(
+    levels: np.ndarray, is_paper: np.ndarray, row_terms: np.ndarray, column_terms: np.ndarray
+) -> np.ndarray:
+    """Least-squares coefficients of the 2-D polynomial through the paper pixels of `levels`.
+
+    Too few paper pixels to pin the surface down give a flat one at their median (or the picture's): with
+    under two pixels per coefficient a tiny picture's surface would pass through its ink.
+    """
+    powers = _surface_powers()
+    rows, columns = np.nonzero(is_paper)
+    if rows.size < 2 * len(powers):
+        return _flat_surface(float(np.median(levels[is_paper] if rows.size else levels)))
+    design = np.stack([row_terms[rows, row] * column_terms[columns, column] for row, column in powers], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, levels[rows, columns], rcond=None)
+    return coefficients
+
+
+def _flat_surface(level: float) -> np.ndarray:
+    """Coefficients of the surface that is `level` everywhere."""
+    coefficients = np.zeros(len(_surface_powers()))
+    coefficients[0] = level  # the first term is row**0 * column**0
+    return coefficients
+
+
+def _evaluate_surface(coefficients: np.ndarray, row_terms: np.ndarray, column_terms: np.ndarray) -> np.ndarray:
+    """The 2-D polynomial on the grid of `row_terms` x `column_terms`, as one matrix product."""
+    coefficient_matrix = np.zeros((PAPER_SURFACE_DEGREE + 1, PAPER_SURFACE_DEGREE + 1), dtype=coefficients.dtype)
+    for coefficient, (row, column) in zip(coefficients, _surface_powers(), strict=True):
+        coefficient_matrix[row, column] = coefficient
+    return row_terms @ coefficient_matrix @ column_terms.T
+
+
+def _robust_sigma(values: np.ndarray) -> float:
+    """The noise's standard deviation estimated from the median absolute deviation; 0 for no values."""
+    if values.size == 0:
+        return 0.0
+    return float(MAD_TO_SIGMA * np.median(np.abs(values - np.median(values))))
+
+
+def _ink_is_darker_than_paper(residual: np.ndarray, noise_floor: float) -> bool:
+    """Whether more ink lies below the paper than above it, summed past the noise floor.
+
+    The paper's noise is symmetric and cancels out; the digit tips the balance, and a whole stroke
+    outweighs a speck of glare or dust.
+    """
+    beyond_noise = residual[np.abs(residual) > noise_floor].astype(np.float64)
+    darker = np.maximum(-beyond_noise - noise_floor, 0.0).sum()
+    lighter = np.maximum(beyond_noise - noise_floor, 0.0).sum()
+    return bool(darker > lighter)
+
+
+def _stretch_strokes(above_noise: np.ndarray, noise_floor: float, paper_sigma: float) -> np.ndarray:
+    """Uint8 ink with its STROKE_PERCENTILE mapped to 255; all zeros unless the strokes stand out clearly."""
+    ink_levels = above_noise[above_noise > 0]
+    if ink_levels.size == 0:
+        return np.zeros(above_noise.shape, dtype=np.uint8)
+    stroke_level = float(np.percentile(ink_levels, STROKE_PERCENTILE))
+    stroke_contrast = stroke_level + noise_floor  # how far the strokes lie from the paper
+    if stroke_contrast < CLEAR_INK_SIGMAS * paper_sigma:
+        return np.zeros(above_noise.shape, dtype=np.uint8)
+    return np.rint(np.minimum(above_noise * (255.0 / stroke_level), 255.0)).astype(np.uint8)
+
+
+# --- cropping, scaling and centring the ink ----------------------------------------------------
 
 
 def _ink_bounding_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
