@@ -520,3 +520,18 @@ def test_an_existing_output_is_replaced_whole(trained_run_dir, tmp_path, monkeyp
     assert (workdir / "out.png").read_bytes().startswith(PNG_SIGNATURE)
     assert (tmp_path / "old-out.png").read_bytes() == b"the old output"
     assert sorted(path.name for path in workdir.iterdir()) == ["digit.png", "out.png"]  # no temporary files
+
+
+def test_a_format_3_checkpoint_still_loads_unless_it_is_a_colour_logistic_model(trained_run_dir, tmp_path):
+    from vaecli.checkpoint import load_run, readable_format
+
+    copy_of_run_with_format_version(3)(tmp_path, trained_run_dir)
+    loaded = load_run(tmp_path / "old-run")  # a grey Bernoulli model: format 4 changed nothing it holds
+    assert loaded.model.latent_dim > 0
+
+    colour_logistic = {"format_version": 3, "image_shape": [32, 32, 3], "config": {"model": {"likelihood": "logistic"}}}
+    assert not readable_format(colour_logistic)
+    assert readable_format({**colour_logistic, "image_shape": [28, 28]})
+    assert readable_format({**colour_logistic, "config": {"model": {"likelihood": "bernoulli"}}})
+    assert readable_format({**colour_logistic, "format_version": FORMAT_VERSION})
+    assert not readable_format({**colour_logistic, "format_version": 2, "image_shape": [28, 28]})

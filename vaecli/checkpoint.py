@@ -164,13 +164,26 @@ def choose_step(manager: ocp.CheckpointManager, run_dir: Path, which: str | int 
     return step
 
 
+def readable_format(meta: dict[str, Any]) -> bool:
+    """Whether this version reads a checkpoint with `meta`: its own format, or format 3 for every model but a
+    colour logistic one (format 4 changed only that model's decoder output)."""
+    version = meta.get("format_version")
+    if version == FORMAT_VERSION:
+        return True
+    if version != 3:
+        return False
+    image_shape, model = meta.get("image_shape"), (meta.get("config") or {}).get("model") or {}
+    is_colour = isinstance(image_shape, list) and len(image_shape) == 3 and image_shape[2] == 3
+    return not (is_colour and model.get("likelihood") == "logistic")
+
+
 def read_meta(manager: ocp.CheckpointManager, run_dir: Path, step: int) -> dict[str, Any]:
     """The JSON metadata of checkpoint `step`, checked for a format this version understands."""
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as error:  # Orbax raises many types for a damaged directory
         raise CheckpointError(f"checkpoint {step} in {run_dir} cannot be read ({error}); train again") from error
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or not readable_format(meta):
         found = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(
             f"checkpoint {step} in {run_dir} has format version {found}, this vaecli reads {FORMAT_VERSION}; "
