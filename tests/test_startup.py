@@ -1,5 +1,6 @@
 """Start-up: the persistent compilation cache, private and reused; large outputs in bounded memory."""
 
+import ast
 import os
 import stat
 import subprocess
@@ -72,3 +73,31 @@ def test_generate_to_npz_streams_batches_and_matches_the_in_memory_result(tmp_pa
     assert [len(batch) for batch in generate_batches(trained_run.model, 20)] == [7, 7, 6]
     save_prior_samples(tmp_path / "s.npz", trained_run.model, 20, seed=2, temperature=1.0)
     np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["samples"], generate(trained_run.model, 20, seed=2))
+
+
+# Loaded only by the commands that need them: training (JAX, tensorboardX) and drawing (matplotlib).
+HEAVY_MODULES = ("jax", "flax", "orbax", "matplotlib", "tensorboardX")
+
+
+def modules_loaded_by(*arguments: str) -> tuple[list[str], str]:
+    """Which of HEAVY_MODULES `vae ARGUMENTS` imports (run in a fresh interpreter), and what it printed."""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['vae', *{list(arguments)!r}]\n"
+        "from vaecli.cli import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    return ast.literal_eval(result.stderr.strip().splitlines()[-1]), result.stdout
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["curves", "--help"], ["runs", "--help"]])
+def test_help_loads_no_plotting_tensorboard_or_jax(arguments):
+    loaded, printed = modules_loaded_by(*arguments)
+    assert "Usage" in printed and loaded == []
+
+
+def test_listing_runs_loads_no_plotting_tensorboard_or_jax(trained_run_dir):
+    loaded, printed = modules_loaded_by("runs", str(trained_run_dir.parent))
+    assert trained_run_dir.name in printed and loaded == []

@@ -162,6 +162,9 @@ class TrainConfig(_Section):
     skip_nonfinite: bool = False
     # Checkpoints kept: the newest keep_checkpoints, plus the best by validation ELBO.
     keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 3
+    # TensorBoard event files in RUN_DIR/tensorboard/ (scalars and pictures per epoch), for
+    # `tensorboard --logdir runs`; false writes none.
+    tensorboard: bool = True
 
 
 class Config(_Section):

@@ -290,3 +290,8 @@ def evaluate_split(
     evaluation = evaluate_images(run, np.asarray(images[:max_images]), split, k, seed, on_progress)
     weights = "moving average (train.ema)" if run.config.train.ema is not None else "trained weights"
     return SplitEvaluation(**{**evaluation.__dict__, "extra": {"weights": weights, "step": run.step}})
+
+
+def evaluation_record(run: LoadedRun, evaluation: SplitEvaluation) -> dict[str, Any]:
+    """What `vae evaluate --json` prints and the run directory keeps (see vaecli.rundir.record_evaluation)."""
+    return {"run": str(run.run_dir), "dataset": run.dataset_name, **evaluation.to_dict()}

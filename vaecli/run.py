@@ -6,10 +6,14 @@ RUN_DIR/
   checkpoints/<step>/             weights, optimizer state, step and config (Orbax, atomic)
   samples/epoch_NNN.png           64 images decoded from the prior, z ~ N(0, I)
   reconstructions/epoch_NNN.png   validation images and their reconstructions through q(z|x)
+  tensorboard/                    TensorBoard event files: every metric and both pictures per epoch
+  curves.png                      loss, reconstruction and KL per epoch, drawn when the run ends
+  evaluations/<split>-k<k>-n<images>.json   results of vae evaluate (vae runs shows the test NLL)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -18,36 +22,41 @@ from pathlib import Path
 
 import numpy as np
 
-from vaecli.checkpoint import CHECKPOINT_SUBDIR, load_train_state, read_latest_meta, save_checkpoint
+from vaecli.checkpoint import load_train_state, read_latest_meta, save_checkpoint
 from vaecli.config import Config, apply_override, config_from_dict, config_to_yaml, validate_config
+from vaecli.curves import write_curves
 from vaecli.data import Dataset, load_dataset, resolved_data_dir
 from vaecli.data.download import DownloadProgress
-from vaecli.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingError
+from vaecli.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingError, VaeError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
 from vaecli.model import VAE
+from vaecli.rundir import (
+    CHECKPOINT_SUBDIR,
+    CURVES_FILE,
+    EVALUATIONS_SUBDIR,
+    RUNS_ROOT,
+    TENSORBOARD_SUBDIR,
+    read_metrics,
+)
+from vaecli.rundir import latest_run_dir as latest_run_dir  # re-exported: its home before rundir existed
 from vaecli.sample import encoder_sees_binary, generate, reconstruct
+from vaecli.tensorboard_events import EpochEvents
 from vaecli.train import PRNG_IMPL, EpochResult, NonFiniteLoss, StepProgress, TrainState, check_trainable, train
 
-RUNS_ROOT = Path("runs")
 # Fixed seeds for the per-epoch pictures, so the same z is decoded every epoch and progress shows.
 PICTURE_SEED = 0
 PRIOR_PICTURE_COUNT = 64
 RECONSTRUCTION_PICTURE_COUNT = 8
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", CHECKPOINT_SUBDIR, "samples", "reconstructions")
+RUN_OUTPUTS = (
+    "config.yaml", "metrics.jsonl", CHECKPOINT_SUBDIR, "samples", "reconstructions", TENSORBOARD_SUBDIR, CURVES_FILE,
+    EVALUATIONS_SUBDIR,
+)  # fmt: skip
 
 
 def default_run_dir(config_spec: str | Path) -> Path:
     """runs/<config stem>, e.g. runs/mnist for --config configs/mnist.yaml."""
     return RUNS_ROOT / Path(config_spec).stem
-
-
-def latest_run_dir(runs_root: Path = RUNS_ROOT) -> Path:
-    """The run under `runs_root` whose newest checkpoint was written last."""
-    candidates = [path.parent.parent for path in Path(runs_root).glob(f"*/{CHECKPOINT_SUBDIR}/*") if path.is_dir()]
-    if not candidates:
-        raise CheckpointError(f"no trained run under {runs_root}/; train one with vae train, or pass --run DIR")
-    return max(candidates, key=lambda run: (run / CHECKPOINT_SUBDIR).stat().st_mtime)
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
@@ -64,15 +73,22 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     return ensure_directory(run_dir)
 
 
-def write_epoch_pictures(run_dir: Path, model: VAE, config: Config, val_images: np.ndarray, epoch: int) -> None:
-    """samples/epoch_NNN.png from the prior and reconstructions/epoch_NNN.png through the posterior."""
+def write_epoch_pictures(
+    run_dir: Path, model: VAE, config: Config, val_images: np.ndarray, epoch: int
+) -> dict[str, np.ndarray]:
+    """samples/epoch_NNN.png from the prior and reconstructions/epoch_NNN.png through the posterior.
+
+    Returns both pictures as uint8 arrays, by folder name.
+    """
     prior_samples = generate(model, PRIOR_PICTURE_COUNT, seed=PICTURE_SEED)
-    save_png(run_dir / "samples" / f"epoch_{epoch:03d}.png", make_grid(prior_samples))
+    prior_grid = make_grid(prior_samples)
+    save_png(run_dir / "samples" / f"epoch_{epoch:03d}.png", prior_grid)
     inputs = val_images[:RECONSTRUCTION_PICTURE_COUNT]
     binarized = encoder_sees_binary(config)
     model_views, reconstructions = reconstruct(model, inputs, binarized, num_samples=4, seed=PICTURE_SEED)
     figure = reconstruction_figure(model_views, reconstructions)
     save_png(run_dir / "reconstructions" / f"epoch_{epoch:03d}.png", figure)
+    return {"samples": prior_grid, "reconstructions": figure}
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
@@ -135,8 +151,8 @@ def train_run(config: Config, run_dir: Path, overwrite: bool = False, hooks: Run
     return continue_training(config, dataset, Path(run_dir), None, hooks)
 
 
-# Settings a resumed run may change: neither alters the trajectory of the weights.
-RESUMABLE_CHANGES = ("train.epochs", "train.keep_checkpoints")
+# Settings a resumed run may change: none alters the trajectory of the weights.
+RESUMABLE_CHANGES = ("train.epochs", "train.keep_checkpoints", "train.tensorboard")
 
 
 def resumed_config(saved: Config, overrides: list[str], run_dir: Path) -> Config:
@@ -228,14 +244,23 @@ def keep_metrics_up_to(run_dir: Path, completed_epochs: int) -> None:
 def continue_training(
     config: Config, dataset: Dataset, run_dir: Path, start: TrainState | None, hooks: RunHooks
 ) -> RunResult:
-    """Train from `start` (None: from scratch), recording each epoch; save a checkpoint where a stop request lands."""
+    """Train from `start` (None: from scratch), recording each epoch; save a checkpoint where a stop request lands.
+
+    curves.png is drawn once, when the run ends (finished, stopped or diverged), not every epoch: matplotlib
+    would put about a second on each epoch's critical path, while TensorBoard and `vae curves` already show
+    a run in progress.
+    """
     saved_steps: list[int] = []
+    first_epoch = first_epoch_to_train(config, dataset, start)
+    events = EpochEvents(run_dir / TENSORBOARD_SUBDIR, first_epoch) if config.train.tensorboard else None
 
     def record_epoch(result: EpochResult) -> None:
-        # Metrics and pictures first: a run killed in between has them for every checkpointed epoch,
-        # and resuming drops what belongs to epochs after its checkpoint.
+        # Metrics, pictures and events first: a run killed in between has them for every checkpointed
+        # epoch, and resuming drops (purges, for TensorBoard) what belongs to epochs after its checkpoint.
         append_metrics(run_dir, result.metrics)
-        write_epoch_pictures(run_dir, result.model(), config, dataset.val_images, result.epoch)
+        pictures = write_epoch_pictures(run_dir, result.model(), config, dataset.val_images, result.epoch)
+        if events is not None:
+            events.add_epoch(result.metrics, pictures)
         saved_steps.append(
             save_checkpoint(run_dir, result.state, result.epoch, config, dataset, result.metrics["val_loss"])
         )
@@ -245,13 +270,30 @@ def continue_training(
     try:
         outcome = train(config, dataset, hooks.on_progress, record_epoch, start, hooks.should_stop)
     except NonFiniteLoss as error:
+        with contextlib.suppress(VaeError):  # the curves show where it diverged, but must not hide why it stopped
+            draw_curves_so_far(run_dir)
         raise TrainingError(diverged_message(error, run_dir)) from error
-    if outcome.stopped_in_epoch is None:
-        return RunResult(run_dir)
+    finally:
+        if events is not None:
+            events.close()
     step = int(outcome.state.step)
-    if step not in saved_steps:
+    if outcome.stopped_in_epoch is not None and step not in saved_steps:
         save_checkpoint(run_dir, outcome.state, outcome.stopped_in_epoch, config, dataset, epoch_finished=False)
-    return RunResult(run_dir, step)
+    draw_curves_so_far(run_dir)
+    return RunResult(run_dir, None if outcome.stopped_in_epoch is None else step)
+
+
+def first_epoch_to_train(config: Config, dataset: Dataset, start: TrainState | None) -> int:
+    """The epoch that training from `start` begins (or finishes, when `start` was saved mid-epoch)."""
+    if start is None:
+        return 1
+    return int(start.step) // (len(dataset.train_images) // config.train.batch_size) + 1
+
+
+def draw_curves_so_far(run_dir: Path) -> None:
+    """curves.png of the epochs finished so far; none yet (stopped during the first), none drawn."""
+    if read_metrics(run_dir):
+        write_curves(run_dir)
 
 
 def diverged_message(error: NonFiniteLoss, run_dir: Path) -> str:

@@ -534,6 +534,7 @@ def train(
     batch_size = config.train.batch_size
     steps_per_epoch = len(dataset.train_images) // batch_size
     steps_per_chunk = steps_per_chunk_for(config)
+    learning_rate = learning_rate_schedule(config, steps_per_epoch)  # to report it; the optimizer has its own
     train_chunk = make_train_chunk(graphdef, config, steps_per_epoch, steps_per_chunk)
     evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
     completed_epochs, resume_at = divmod(int(state.step), steps_per_epoch)
@@ -565,6 +566,8 @@ def train(
         metrics = {
             "epoch": epoch,
             "step": int(state.step),
+            # The rate of the epoch's last update (Adam's schedule is read at the count of updates before it).
+            "learning_rate": float(learning_rate(int(state.step) - 1)),
             **training,
             "val_loss": validation.loss,
             "val_elbo": -validation.negative_elbo,

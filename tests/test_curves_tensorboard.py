@@ -1,0 +1,229 @@
+"""curves.png and TensorBoard events: drawn and written from what each epoch records, resumed without duplicates."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import tiny_config
+from PIL import Image
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.record_writer import masked_crc32c
+from typer.testing import CliRunner
+
+from vaecli.checkpoint import load_run, load_train_state, read_latest_meta
+from vaecli.cli import app
+from vaecli.curves import curve_panels, write_curves
+from vaecli.data import load_dataset
+from vaecli.run import RunHooks, continue_training, resume_run, train_run
+from vaecli.rundir import checkpoint_step_dirs, read_metrics
+from vaecli.tensorboard_events import scalar_tag
+
+runner = CliRunner()
+CURVES_PIXELS = (1620, 480)  # curves.FIGURE_SIZE at the shared style's 120 dpi
+
+
+def vae(*args):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+# --- reading event files back, as TensorBoard does -------------------------------------------------
+
+
+def read_event_file(path: Path) -> list[Event]:
+    """The events of one file: TFRecord framing (length, its CRC, the Event, its CRC), CRCs checked."""
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):
+        header = data[offset : offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
+        body = data[offset + 12 : offset + 12 + length]
+        (body_crc,) = struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])
+        assert (header_crc, body_crc) == (masked_crc32c(header), masked_crc32c(body)), f"torn record in {path}"
+        event = Event()
+        event.ParseFromString(body)
+        events.append(event)
+        offset += 16 + length
+    return events
+
+
+def events_in(log_dir: Path) -> list[Event]:
+    """Every event of every file, files in name order (TensorBoard's reading order)."""
+    return [event for path in sorted(log_dir.iterdir()) for event in read_event_file(path)]
+
+
+def as_tensorboard_shows(events: list[Event]) -> dict[str, list[tuple[int, object]]]:
+    """tag -> [(step, summary value)]: a session START at step s drops what came before at steps >= s."""
+    shown: dict[str, list[tuple[int, object]]] = {}
+    for event in events:
+        if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+            shown = {
+                tag: [(step, value) for step, value in entries if step < event.step] for tag, entries in shown.items()
+            }
+        for value in event.summary.value:
+            shown.setdefault(value.tag, []).append((event.step, value))
+    return shown
+
+
+def numeric_metrics(row: dict) -> dict[str, float]:
+    return {key: value for key, value in row.items() if key != "epoch" and isinstance(value, int | float)}
+
+
+def assert_scalars_match_metrics(shown: dict, metrics: list[dict]) -> None:
+    """Each metric of each epoch once, at step = epoch, with its value (stored as float32)."""
+    expected_tags = {scalar_tag(key) for row in metrics for key in numeric_metrics(row)}
+    assert expected_tags <= set(shown), sorted(expected_tags - set(shown))
+    for key in numeric_metrics(metrics[0]):
+        entries = shown[scalar_tag(key)]
+        assert [step for step, _ in entries] == [row["epoch"] for row in metrics], key
+        recorded = [value.simple_value for _, value in entries]
+        np.testing.assert_allclose(recorded, [float(np.float32(row[key])) for row in metrics], rtol=1e-6, err_msg=key)
+
+
+def png_pixels(png: bytes | Path) -> np.ndarray:
+    data = png.read_bytes() if isinstance(png, Path) else png
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+# --- curves.png ------------------------------------------------------------------------------------
+
+
+def test_training_ends_by_drawing_the_curves_of_every_epoch(trained_run_dir, tmp_path):
+    curves = trained_run_dir / "curves.png"
+    assert png_size(curves) == CURVES_PIXELS
+    # The same picture as one drawn now from all six epochs' metrics: not an earlier epoch's.
+    assert curves.read_bytes() == write_curves(trained_run_dir, tmp_path / "now.png").read_bytes()
+
+
+def test_vae_curves_draws_the_same_bytes_twice_and_follows_the_metrics(trained_run_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(trained_run_dir / "metrics.jsonl", run_dir)
+
+    first = vae("curves", "--run", run_dir)
+    assert first.exit_code == 0, first.output
+    assert f"wrote {run_dir / 'curves.png'}" in first.output
+    second = vae("curves", "--run", run_dir, "--out", tmp_path / "again.png")
+    assert second.exit_code == 0, second.output
+    assert (run_dir / "curves.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    assert png_size(tmp_path / "again.png") == CURVES_PIXELS
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    assert vae("curves", "--run", run_dir, "--out", tmp_path / "three.png").exit_code == 0
+    assert (tmp_path / "three.png").read_bytes() != (tmp_path / "again.png").read_bytes()
+
+
+def epoch_row(epoch: int, train_loss: float, val_loss: float, recon: float, kl: float) -> dict:
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_elbo": -(recon + kl),
+            "val_recon": recon, "val_kl": kl}  # fmt: skip
+
+
+def test_the_panels_draw_what_the_metrics_hold_and_use_a_log_axis_across_decades():
+    elbo_run = [epoch_row(1, 200.0, 190.0, 188.0, 2.0), epoch_row(2, 150.0, 140.0, 115.0, 25.0)]
+    loss, reconstruction, kl = curve_panels(elbo_run)
+    assert [line.label for line in loss.series] == ["train loss (the objective trained)", "validation -ELBO"]
+    assert loss.series[1].values == (190.0, 140.0) and loss.series[1].epochs == (1, 2)
+    assert reconstruction.series[0].values == (188.0, 115.0)
+    assert kl.series[0].values == (2.0, 25.0)
+    assert (loss.log_scale, reconstruction.log_scale, kl.log_scale) == (False, False, True)  # KL spans 12.5x
+
+    iwae_run = [epoch_row(1, 200.0, 185.0, 188.0, 2.0), {**epoch_row(2, 150.0, 139.0, 130.0, 9.0), "train_kl": 10.0}]
+    loss, _, kl = curve_panels(iwae_run)
+    assert [line.label for line in loss.series][-1] == "validation -IWAE bound"
+    assert loss.series[-1].values == (185.0, 139.0)
+    assert [(line.label, line.epochs) for line in kl.series] == [("train", (2,)), ("validation", (1, 2))]
+    assert not kl.log_scale  # 2 to 10: under a decade
+
+
+@pytest.mark.parametrize(
+    ("metrics", "out", "code", "fragment"),
+    [
+        ("", None, 1, "has no finished epoch in metrics.jsonl yet"),
+        ("{not json\n", None, 1, "metrics.jsonl line 1 is not JSON"),
+        (None, None, 1, "does not exist"),
+        ("", "curves.jpg", 2, "must end in .png"),
+    ],
+)
+def test_vae_curves_refuses_in_one_line(tmp_path, metrics, out, code, fragment):
+    run_dir = tmp_path / "run"
+    if metrics is not None:
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text(metrics)
+    result = vae("curves", "--run", run_dir, *(["--out", tmp_path / out] if out else []))
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (run_dir / "curves.png").exists()
+
+
+# --- TensorBoard events ----------------------------------------------------------------------------
+
+
+def test_tensorboard_holds_every_metric_of_every_epoch_and_both_pictures(trained_run_dir):
+    metrics = read_metrics(trained_run_dir)
+    shown = as_tensorboard_shows(events_in(trained_run_dir / "tensorboard"))
+    assert_scalars_match_metrics(shown, metrics)
+    assert {"train/loss", "val/elbo", "val/recon", "val/kl", "run/learning_rate", "run/epoch_seconds"} <= set(shown)
+    assert [value.simple_value for _, value in shown["run/learning_rate"]] == pytest.approx([0.002] * 6)
+    for tag in ("samples", "reconstructions"):
+        assert [step for step, _ in shown[tag]] == list(range(1, 7))
+        for epoch, value in shown[tag]:
+            png = trained_run_dir / tag / f"epoch_{epoch:03d}.png"
+            expected = png_pixels(png)
+            assert (value.image.height, value.image.width) == expected.shape[:2]
+            np.testing.assert_array_equal(png_pixels(value.image.encoded_image_string), expected)
+
+
+def test_a_stopped_run_draws_its_curves_and_on_resuming_tensorboard_drops_the_epochs_it_trains_again(tmp_path):
+    run_dir = tmp_path / "run"
+    finished_epochs = []
+    hooks = RunHooks(on_epoch_end=finished_epochs.append, should_stop=lambda: len(finished_epochs) == 2)
+    stopped = train_run(tiny_config(train={"epochs": 3, "keep_checkpoints": 3}), run_dir, hooks=hooks)
+    assert stopped.stopped_at_step is not None and len(finished_epochs) == 2
+    two_epochs = write_curves(run_dir, tmp_path / "two-epochs.png").read_bytes()
+    assert (run_dir / "curves.png").read_bytes() == two_epochs  # drawn when the run stopped
+    # As if killed after writing epoch 2's metrics and events but before its checkpoint.
+    shutil.rmtree(checkpoint_step_dirs(run_dir)[-1])
+
+    resume_run(run_dir)  # trains epochs 2 and 3
+
+    files = sorted((run_dir / "tensorboard").iterdir())
+    assert [file.name.rsplit(".", 1)[-1] for file in files] == ["from-epoch-000001", "from-epoch-000002"]
+    raw_steps = [event.step for event in events_in(run_dir / "tensorboard") if event.summary.value[:1]]
+    assert raw_steps.count(2) == 2 * raw_steps.count(1)  # epoch 2 is in both files ...
+    shown = as_tensorboard_shows(events_in(run_dir / "tensorboard"))
+    metrics = read_metrics(run_dir)
+    assert [row["epoch"] for row in metrics] == [1, 2, 3]
+    assert_scalars_match_metrics(shown, metrics)  # ... and shown once, from the resumed run
+    assert [step for step, _ in shown["samples"]] == [1, 2, 3]
+    assert (run_dir / "curves.png").read_bytes() == write_curves(run_dir, tmp_path / "redrawn.png").read_bytes()
+    assert (run_dir / "curves.png").read_bytes() != two_epochs
+
+
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_train_tensorboard_switches_the_event_files(tmp_path, trained_run_dir, tensorboard):
+    """Continuing the finished session run trains no epoch: what opens or not is the switch's doing alone."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run_dir, run_dir, ignore=shutil.ignore_patterns("tensorboard", "curves.png"))
+    meta = read_latest_meta(run_dir)
+    saved = load_run(run_dir, "latest").config
+    config = saved.model_copy(update={"train": saved.train.model_copy(update={"tensorboard": tensorboard})})
+    state = load_train_state(run_dir, meta["step"], config, tuple(meta["image_shape"]))
+
+    continue_training(config, load_dataset(config.data), run_dir, state, RunHooks())
+
+    events = sorted(path.name for path in (run_dir / "tensorboard").glob("*")) if tensorboard else []
+    assert (run_dir / "tensorboard").exists() == tensorboard
+    assert [name.rsplit(".", 1)[-1] for name in events] == (["from-epoch-000007"] if tensorboard else [])
+    assert (run_dir / "curves.png").read_bytes() == write_curves(run_dir, tmp_path / "redrawn.png").read_bytes()
