@@ -201,18 +201,31 @@ def generate(
         "grid.png"
     ),
     seed: Annotated[int, typer.Option("--seed", help="Seed for z; the same seed gives the same output.")] = 0,
-    temperature: Annotated[float, typer.Option("--temperature", help="Scale of z ~ N(0, T^2 I).")] = 1.0,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Scale of z ~ N(0, T^2 I), or of the gmm's deviations from a mean.")
+    ] = 1.0,
+    sampler: Annotated[
+        str,
+        typer.Option(
+            "--sampler",
+            help="Where z comes from: prior (N(0, T^2 I)), or gmm (a Gaussian mixture fitted to the training "
+            "images' posterior means, cached as RUN/samplers/gmm-<step>-<components>.npz).",
+        ),
+    ] = "prior",
+    components: Annotated[int, typer.Option("--components", help="Components of the gmm sampler.")] = 10,
 ) -> None:
-    """New images from the prior: z ~ p(z) = N(0, T^2 I), each decoded to the mean of p(x|z)."""
-    check_outputs(out, "--n", n, seed)
-    from vaecli.sample import save_prior_samples
+    """New images: z from the prior N(0, T^2 I) or (--sampler gmm) a mixture fitted to the training codes, decoded.
 
+    Each z is decoded to the mean of p(x|z). gmm draws z where the decoder was trained: the training
+    codes do not fill N(0, I), and z from the prior's empty regions decode to blurred or non-images.
+    """
+    check_outputs(out, "--n", n, seed)
+    from vaecli.samplers import check_sampler, save_samples
+
+    check_sampler(sampler, components)
     loaded = open_run(run, checkpoint)
-    save_prior_samples(out, loaded.model, n, seed, temperature)
-    console.print(
-        f"wrote {out}: {n} samples from the prior z ~ N(0, {temperature:g}^2 I), "
-        f"run {loaded.run_dir} step {loaded.step}"
-    )
+    source = save_samples(out, loaded, sampler, n, seed, temperature, components)
+    console.print(f"wrote {out}: {n} samples from {source}, run {loaded.run_dir} step {loaded.step}")
 
 
 @app.command()
@@ -240,6 +253,108 @@ def reconstruct(
     source = save_reconstructions(out, loaded, inputs or [], samples, seed, mean)
     how = "the posterior mean" if mean else f"{samples} draws of z ~ q(z|x)"
     console.print(f"wrote {out}: {source}, each decoded from {how}, run {loaded.run_dir} step {loaded.step}")
+
+
+PngOut = Annotated[Path, typer.Option("--out", help="Output picture (.png).")]
+SeedOption = Annotated[
+    int, typer.Option("--seed", help="Seed of the one Bernoulli draw a binarized model's encoder sees of each image.")
+]
+
+
+@app.command()
+@reports_errors
+def latent(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    split: Annotated[str, typer.Option("--split", help="Which split to encode: test, val or train.")] = "test",
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Output .png. For a 2-D latent a second panel beside the codes shows the decoded manifold "
+            "(z on a grid of the prior's quantiles).",
+        ),
+    ] = Path("latent.png"),
+    images: Annotated[int | None, typer.Option("--images", help="Encode only the first N images.")] = None,
+    seed: SeedOption = 0,
+) -> None:
+    """The posterior means mu(x) of a split in 2-D, coloured by label, with the prior's 1 and 2 sigma circles.
+
+    A latent of more than 2 dimensions is shown on its first two principal axes (not centred, so the prior
+    N(0, I) is still N(0, I) there and its circles are exact).
+    """
+    if split not in ("test", "val", "train"):
+        raise UsageError(f"--split {split!r}: choose test, val or train")
+    from vaecli.explore import save_latent_figure
+
+    loaded = open_run(run, checkpoint)
+    drawn = save_latent_figure(loaded, out, split, images, seed)
+    plane = "z0, z1" if not drawn.plane.is_pca else f"PC1, PC2 ({drawn.plane.explained.sum():.0%} of the variance)"
+    beside = " and the decoded manifold" if drawn.with_manifold else ""
+    console.print(f"wrote {out}: {drawn.images} {split} codes on {plane}{beside}, run {loaded.run_dir}")
+
+
+@app.command()
+@reports_errors
+def interpolate(
+    first: Annotated[str, typer.Argument(metavar="A", help="Start: an image file, or SPLIT:INDEX (e.g. test:12).")],
+    second: Annotated[str, typer.Argument(metavar="B", help="End: an image file, or SPLIT:INDEX (e.g. val:0).")],
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    steps: Annotated[int, typer.Option("--steps", help="Points on the path, both ends included.")] = 10,
+    spherical: Annotated[
+        bool, typer.Option("--spherical", help="Turn along the great circle (slerp), the length changing linearly.")
+    ] = False,
+    out: PngOut = Path("interp.png"),
+    seed: SeedOption = 0,
+) -> None:
+    """Decode a path from A's posterior mean to B's: one row, A as the encoder saw it, the path, then B.
+
+    A and B are image files (read as vae reconstruct reads them) or images of the run's dataset named
+    SPLIT:INDEX, e.g. test:12 (the 13th test image). Each point is decoded to the mean of p(x|z).
+    """
+    from vaecli.explore import save_interpolation
+
+    loaded = open_run(run, checkpoint)
+    save_interpolation(loaded, out, first, second, steps, spherical, seed)
+    path = "spherical" if spherical else "straight"
+    console.print(f"wrote {out}: {first}, {steps} points on a {path} path, {second}; run {loaded.run_dir}")
+
+
+@app.command()
+@reports_errors
+def traverse(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    input_image: Annotated[
+        str | None,
+        typer.Option("--input", help="Vary around the posterior mean of a file or SPLIT:INDEX (default: z = 0)."),
+    ] = None,
+    dims: Annotated[
+        str | None,
+        typer.Option("--dims", help="Dimensions to vary, e.g. 0,3,5 (default: the 10 with the most KL)."),
+    ] = None,
+    value_range: Annotated[float, typer.Option("--range", help="Vary each from -RANGE to +RANGE.")] = 3.0,
+    steps: Annotated[int, typer.Option("--steps", help="Values per dimension.")] = 9,
+    out: PngOut = Path("traverse.png"),
+    seed: SeedOption = 0,
+) -> None:
+    """Vary one latent coordinate at a time, the others held; a row per dimension, decoded to the mean of p(x|z).
+
+    Rows are ordered by the dimension's KL on the validation split (the informative ones first); inactive
+    dimensions (variance of mu(x) over the images <= 0.01, as vae evaluate counts them) are marked.
+    """
+    from vaecli.explore import save_traversal
+    from vaecli.latent import parse_dimensions
+
+    requested = parse_dimensions(dims) if dims is not None else None
+    loaded = open_run(run, checkpoint)
+    drawn = save_traversal(loaded, out, input_image, requested, value_range, steps, seed)
+    inactive = sum(not active for active in drawn.active)
+    console.print(
+        f"wrote {out}: z{', z'.join(map(str, drawn.dims))} around {drawn.centre} ({inactive} inactive), "
+        f"run {loaded.run_dir} step {loaded.step}"
+    )
 
 
 @app.command()
@@ -270,21 +385,28 @@ def evaluate(
         raise UsageError(f"--images must be at least 1, got {images}")
     if not 0 <= seed < 2**32:
         raise UsageError(f"--seed must be between 0 and {2**32 - 1}, got {seed}")
-    from vaecli.evaluate import evaluate_split
+    from vaecli.errors import OutputError
+    from vaecli.evaluate import evaluate_split, evaluation_record
+    from vaecli.rundir import record_evaluation
 
     loaded = open_run(run, checkpoint)
     with progress_bar(console if not as_json else error_console, f"evaluate {split}, k={k}") as on_progress:
         result = evaluate_split(loaded, split, k, images, seed, on_progress)
+    record = evaluation_record(loaded, result)
     if as_json:
         import json
 
-        print(json.dumps({"run": str(loaded.run_dir), "dataset": loaded.dataset_name, **result.to_dict()}))
-        return
-    console.print(evaluation_table(loaded, result))
-    if not result.is_likelihood:
+        print(json.dumps(record))
+    else:
+        console.print(evaluation_table(loaded, result))
+    if not result.is_likelihood and not as_json:
         from rich.markup import escape
 
         console.print(f"[yellow]note:[/yellow] {escape(result.protocol)}", highlight=False)
+    try:  # kept for vae runs; the figures are shown already, so an unwritable run folder is only a note
+        record_evaluation(loaded.run_dir, record)
+    except OutputError as error:
+        error_console.print(f"[yellow]note:[/yellow] result not kept in the run: {error}", highlight=False)
 
 
 @contextlib.contextmanager
@@ -334,6 +456,75 @@ def evaluation_table(loaded, result):
         table.add_column(column, justify=justify)
     for row in rows:  # "[log p(x|z)]" is text here, not a Rich style tag
         table.add_row(*(escape(cell) for cell in row))
+    return table
+
+
+@app.command()
+@reports_errors
+def curves(
+    run: RunOption = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The PNG to write [default: RUN/curves.png].")] = None,
+) -> None:
+    """Draw a run's loss, reconstruction and KL per epoch, from its metrics.jsonl, as a PNG.
+
+    Training draws RUN/curves.png when it ends; this draws it at any time, also while the run trains.
+    """
+    if out is not None and out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out} must end in .png")
+    from vaecli.curves import write_curves
+    from vaecli.rundir import latest_run_dir
+
+    run_dir = run or latest_run_dir()
+    written = write_curves(run_dir, out)
+    console.print(f"wrote {written}: loss, reconstruction and KL per epoch of {run_dir}", highlight=False)
+
+
+@app.command(name="runs")
+@reports_errors
+def list_runs(
+    folder: Annotated[Path, typer.Argument(help="Folder holding run directories.", show_default=True)] = Path("runs"),
+) -> None:
+    """List the runs in a folder: data, model, epochs, best validation ELBO, test NLL, size and age."""
+    from vaecli.run_summaries import summarize_runs
+
+    summaries = summarize_runs(folder)
+    if not summaries:
+        console.print(f"no runs in {folder}/; start one with: vae train --config mnist-sample --out {folder}/NAME")
+        return
+    console.print(runs_table(folder, summaries))
+
+
+def runs_table(folder: Path, summaries):
+    """The rich table of `vae runs`: a row per run; a broken one says in red what is wrong."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from vaecli.run_summaries import age_of, describe_size
+
+    caption = "ELBO and NLL in nats per image; test NLL: the newest vae evaluate, k samples over that many images"
+    table = Table(title=escape(f"runs in {folder}"), title_justify="left", caption=caption, caption_justify="left")
+    for column in ("run", "data", "model", "epochs", "best val ELBO", "test NLL", "size", "age"):
+        table.add_column(column, justify="left" if column in ("run", "data", "model") else "right", overflow="fold")
+    for summary in summaries:
+        config = summary.config
+        model = escape(describe_model(config)) if config else "-"
+        if summary.broken:
+            model += f"\n[red]broken:[/red] {escape(summary.problem)}"
+        planned = summary.epochs_planned if summary.epochs_planned is not None else "?"
+        elbo = f"{summary.best_val_elbo:.2f}" if summary.best_val_elbo is not None else "-"
+        nll = "-"
+        if summary.test_nll is not None:
+            nll = f"{summary.test_nll:.2f} (k={summary.test_k}, {summary.test_images} img)"
+        table.add_row(
+            f"[red]{escape(summary.name)}[/red]" if summary.broken else escape(summary.name),
+            escape(config.data.name) if config else "-",
+            model,
+            f"{summary.epochs_done}/{planned}",
+            elbo,
+            nll,
+            describe_size(summary.size_bytes),
+            age_of(summary),
+        )
     return table
 
 

@@ -65,12 +65,17 @@ def _decode_prior_batch(graphdef, params, seed_key, first_index, temperature, ba
     return model.likelihood.mean(model.decode(latents))
 
 
+def check_temperature(temperature: float) -> None:
+    """Refuse a --temperature that is not a positive, finite number."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature must be a positive number, got {temperature}")
+
+
 def generate_batches(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> Iterator[np.ndarray]:
     """generate() a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]), for bounded memory."""
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"--temperature must be a positive number, got {temperature}")
+    check_temperature(temperature)
     graphdef, params = nnx.split(model, nnx.Param)
     batch_size = min(n, DECODE_BATCH_SIZE)
     seed_key = sampling_key(seed)
