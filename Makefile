@@ -20,8 +20,14 @@ demo: install
 	$(BIN)/vae train --config mnist-sample --out $(DEMO_RUN) --overwrite
 	$(BIN)/vae generate --run $(DEMO_RUN) --n 64 --out $(DEMO_RUN)/prior-samples.png
 	$(BIN)/vae reconstruct --run $(DEMO_RUN) --out $(DEMO_RUN)/reconstructions.png
+	$(BIN)/vae generate --run $(DEMO_RUN) --sampler gmm --n 64 --out $(DEMO_RUN)/gmm-samples.png
+	$(BIN)/vae latent --run $(DEMO_RUN) --out $(DEMO_RUN)/latent.png
+	$(BIN)/vae interpolate test:0 test:1 --run $(DEMO_RUN) --spherical --out $(DEMO_RUN)/interpolation.png
+	$(BIN)/vae traverse --run $(DEMO_RUN) --out $(DEMO_RUN)/traverse.png
 	$(BIN)/vae evaluate --run $(DEMO_RUN) --k 1000
-	@echo "demo: open $(DEMO_RUN)/prior-samples.png (z ~ p(z)) and $(DEMO_RUN)/reconstructions.png (z ~ q(z|x))"
+	$(BIN)/vae runs runs
+	@echo "demo: open $(DEMO_RUN)/prior-samples.png (z ~ p(z)), $(DEMO_RUN)/reconstructions.png (z ~ q(z|x)),"
+	@echo "      gmm-samples.png, latent.png, interpolation.png, traverse.png and curves.png there"
 
 test: install
 	$(BIN)/python -m pytest -q

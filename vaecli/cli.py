@@ -494,6 +494,16 @@ def list_runs(
     console.print(runs_table(folder, summaries))
 
 
+def short_model_name(config) -> str:
+    """'mlp 512-256 z32 bernoulli iwae5': describe_model in a table column's width."""
+    model, training = config.model, config.train
+    likelihood = f"logistic{model.mixtures}" if model.likelihood == "logistic" else model.likelihood
+    objective = f" iwae{training.iw_samples}" if training.iw_samples > 1 else ""
+    beta = f" beta{training.beta:g}" if training.beta != 1 else ""
+    widths = "-".join(str(width) for width in model.hidden)
+    return f"{model.arch} {widths} z{model.latent_dim} {likelihood}{objective}{beta}"
+
+
 def runs_table(folder: Path, summaries):
     """The rich table of `vae runs`: a row per run; a broken one says in red what is wrong."""
     from rich.markup import escape
@@ -501,20 +511,44 @@ def runs_table(folder: Path, summaries):
 
     from vaecli.run_summaries import age_of, describe_size
 
-    caption = "ELBO and NLL in nats per image; test NLL: the newest vae evaluate, k samples over that many images"
-    table = Table(title=escape(f"runs in {folder}"), title_justify="left", caption=caption, caption_justify="left")
-    for column in ("run", "data", "model", "epochs", "best val ELBO", "test NLL", "size", "age"):
-        table.add_column(column, justify="left" if column in ("run", "data", "model") else "right", overflow="fold")
+    caption = "val ELBO: the best epoch's; test NLL: the newest vae evaluate, with its k; nats per image"
+    table = Table(
+        title=escape(f"runs in {folder}"),
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=None,
+        pad_edge=False,
+        header_style="bold underline",
+    )
+    # Numbers never wrap; the names wrap at spaces, and only the model (the longest) in the middle of one.
+    for column, justify, overflow in (
+        ("run", "left", "fold"),
+        ("data", "left", "ellipsis"),
+        ("model", "left", "fold"),
+        ("epochs", "right", "ellipsis"),
+        ("val ELBO", "right", "ellipsis"),
+        ("test NLL", "right", "ellipsis"),
+        ("size", "right", "ellipsis"),
+        ("age", "right", "ellipsis"),
+    ):
+        table.add_column(
+            column,
+            justify=justify,
+            overflow=overflow,
+            no_wrap=overflow == "ellipsis",
+            min_width=13 * (column == "model"),
+        )
     for summary in summaries:
         config = summary.config
-        model = escape(describe_model(config)) if config else "-"
+        model = escape(short_model_name(config)) if config else "-"
         if summary.broken:
             model += f"\n[red]broken:[/red] {escape(summary.problem)}"
         planned = summary.epochs_planned if summary.epochs_planned is not None else "?"
         elbo = f"{summary.best_val_elbo:.2f}" if summary.best_val_elbo is not None else "-"
         nll = "-"
         if summary.test_nll is not None:
-            nll = f"{summary.test_nll:.2f} (k={summary.test_k}, {summary.test_images} img)"
+            nll = f"{summary.test_nll:.2f}\n[dim]k {summary.test_k}[/dim]"
         table.add_row(
             f"[red]{escape(summary.name)}[/red]" if summary.broken else escape(summary.name),
             escape(config.data.name) if config else "-",
@@ -523,7 +557,7 @@ def runs_table(folder: Path, summaries):
             elbo,
             nll,
             describe_size(summary.size_bytes),
-            age_of(summary),
+            age_of(summary).removesuffix(" ago"),  # the column says it is an age
         )
     return table
 
