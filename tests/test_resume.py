@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from conftest import small_config
 from helpers import assert_trees_equal, tiny_config, tiny_dataset, trees_differ
+from slow_saves import pending_commits
 from typer.testing import CliRunner
 
 from vaecli.checkpoint import load_run, load_train_state, read_latest_meta, save_checkpoint
 from vaecli.cli import app
 from vaecli.config import load_config
+from vaecli.rundir import read_metrics
 from vaecli.train import train
 
 # ~190 steps an epoch with a tiny model: each epoch takes a fraction of a second, so a kill lands
@@ -30,10 +32,37 @@ RUN_SETTINGS = [
 ]  # fmt: skip
 
 
+NEW_RUN = ["train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run"]
+
+
 def vae_process(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "vaecli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def slow_saving_vae_process(markers: Path, hold_seconds: float, *args: str, cwd: Path) -> subprocess.Popen:
+    """`vae` whose every checkpoint commit marks MARKERS/<step>, then waits hold_seconds (tests/slow_saves.py)."""
+    command = [sys.executable, str(Path(__file__).parent / "slow_saves.py"), str(markers), str(hold_seconds), *args]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_pending_save(
+    markers: Path, run_dir: Path, number: int, process: subprocess.Popen, timeout: float = 120
+) -> int:
+    """The step of the run's `number`-th checkpoint, once its commit has begun and is held back."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        marked = sorted(int(path.name) for path in markers.iterdir()) if markers.is_dir() else []
+        if len(marked) >= number and marked[number - 1] in pending_commits(markers, run_dir):
+            return marked[number - 1]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"no pending save number {number} within {timeout} s")
+
+
+def temporary_checkpoints(run_dir: Path) -> list[str]:
+    return [path.name for path in (run_dir / "checkpoints").iterdir() if not path.name.isdigit()]
 
 
 def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
@@ -71,11 +100,21 @@ def uninterrupted(tmp_path_factory) -> Path:
     return workdir / "run"
 
 
-def test_sigkill_at_any_moment_then_resume_gives_bit_identical_weights(tmp_path, uninterrupted):
-    process = vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=tmp_path)
-    wait_for_epochs(tmp_path / "run", 2, process)  # killed while epoch 2 saves, or early in epoch 3
+def test_sigkill_during_a_save_then_resume_gives_bit_identical_weights(tmp_path, uninterrupted):
+    """Killed while epoch 2's checkpoint is written in the background, epoch 3 trained and handed over meanwhile."""
+    markers, run_dir = tmp_path / "markers", tmp_path / "run"
+    process = slow_saving_vae_process(markers, 3, *NEW_RUN, cwd=tmp_path)
+    pending_step = wait_for_pending_save(markers, run_dir, 2, process)
+    time.sleep(1)  # of the 3 s that the commit is held: epoch 3 (a fraction of a second) ends meanwhile
     process.send_signal(signal.SIGKILL)
     process.communicate()
+
+    assert f"{pending_step}.orbax-checkpoint-tmp" in temporary_checkpoints(run_dir)  # killed mid-save ...
+    previous = read_latest_meta(run_dir)  # ... which leaves epoch 1's checkpoint, complete and readable
+    assert previous["epoch"] == 1 and previous["step"] < pending_step
+    assert load_run(run_dir, "latest").step == previous["step"]
+    # Epoch 3's metrics wait for epoch 2's checkpoint: never more than one epoch beyond the newest checkpoint.
+    assert [row["epoch"] for row in read_metrics(run_dir)] == [1, 2]
 
     code, out, err = finish(vae_process("train", "--resume", "run", cwd=tmp_path))
     assert code == 0, err
@@ -90,9 +129,10 @@ def test_sigkill_at_any_moment_then_resume_gives_bit_identical_weights(tmp_path,
     assert epochs == [1, 2, 3, 4, 5, 6]  # no duplicate or missing epoch after the kill
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resumes_exactly(tmp_path, uninterrupted):
-    process = vae_process("train", "--config", "mnist-sample", *RUN_SETTINGS, "--out", "run", cwd=tmp_path)
-    wait_for_epochs(tmp_path / "run", 1, process)
+def test_ctrl_c_during_a_save_saves_a_checkpoint_says_how_to_resume_and_resumes_exactly(tmp_path, uninterrupted):
+    markers, run_dir = tmp_path / "markers", tmp_path / "run"
+    process = slow_saving_vae_process(markers, 1, *NEW_RUN, cwd=tmp_path)
+    pending_step = wait_for_pending_save(markers, run_dir, 1, process)  # epoch 1's checkpoint
     process.send_signal(signal.SIGINT)
     code, out, err = finish(process)
 
@@ -100,14 +140,31 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resumes_exactly(tmp_pa
     assert "stopping after the current steps and saving a checkpoint" in out  # beside the progress bar
     assert "resume with: vae train --resume run" in err
     assert "Traceback" not in err
+    assert not temporary_checkpoints(run_dir)  # the save under way was completed (and any after it)
     meta = read_latest_meta(tmp_path / "run")
-    assert meta["step"] > 0 and meta["epoch"] < 6
+    assert meta["step"] >= pending_step and meta["epoch"] < 6
 
     code, _, err = finish(vae_process("train", "--resume", "run", cwd=tmp_path))
     assert code == 0, err
     _, resumed = final_state(tmp_path / "run")
     _, reference = final_state(uninterrupted)
     assert_bit_identical(resumed.params, reference.params)
+
+
+def test_a_second_ctrl_c_leaves_at_once_but_only_after_the_save_under_way(tmp_path):
+    markers, run_dir = tmp_path / "markers", tmp_path / "run"
+    process = slow_saving_vae_process(markers, 3, *NEW_RUN, cwd=tmp_path)
+    pending_step = wait_for_pending_save(markers, run_dir, 1, process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)  # within the 3 s that the commit is held
+    code, out, err = finish(process)
+
+    assert code == 128 + signal.SIGINT and "stopping at once" in out, (code, out, err)
+    # exit_now left through os._exit only after the save under way (and any queued behind it) was complete:
+    # without waiting, that save's temporary directory would be left and its checkpoint missing.
+    assert not temporary_checkpoints(run_dir)
+    assert load_run(run_dir, "latest").step >= pending_step
 
 
 def test_sigterm_stops_the_same_way(tmp_path):

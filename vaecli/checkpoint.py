@@ -3,10 +3,15 @@
 Layout: RUN_DIR/checkpoints/<step>/{params, opt_state, meta, metrics}. Orbax writes each step into a
 temporary directory and renames it when complete, so a crash never leaves a half-written checkpoint
 that looks finished. `meta` holds what is needed to rebuild the model with no config file.
+
+Training saves asynchronously (CheckpointWriter): Orbax copies the arrays to the host before save()
+returns, then writes them and renames the directory on a thread of its own; the rename (the commit)
+comes last there too, so an asynchronous checkpoint is just as atomic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -21,9 +26,9 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from vaecli.config import Config, config_from_dict
 from vaecli.data import Dataset
-from vaecli.errors import CheckpointError
+from vaecli.errors import CheckpointError, OutputError
 from vaecli.model import VAE, build_model
-from vaecli.rundir import CHECKPOINT_SUBDIR
+from vaecli.rundir import CHECKPOINT_SUBDIR, RANKING_METRIC
 from vaecli.train import PRNG_IMPL, TrainState, make_optimizer, root_key, split_model
 
 # 2: keeps the best by validation loss, records the PRNG key, the training-set size and whether the
@@ -35,8 +40,7 @@ META_KEYS = (
     "format_version", "step", "epoch", "epoch_finished", "train_images", "image_shape", "dataset",
     "preprocessing", "class_names", "rng_key", "prng_impl", "config",
 )  # fmt: skip
-# Orbax stores a checkpoint's metrics beside it; this one ranks them.
-RANKING_METRIC = "val_loss"
+# Orbax stores a checkpoint's metrics beside it; RANKING_METRIC (vaecli.rundir) ranks them.
 
 # Orbax logs routine progress at INFO/WARNING through absl; the CLI reports what matters itself.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -56,8 +60,11 @@ class LoadedRun:
     preprocessing: str  # how a user's picture becomes input: see Dataset.preprocessing
 
 
-def _manager(run_dir: Path, create: bool, keep: int = 3) -> ocp.CheckpointManager:
-    """The run's Orbax manager: keeps the newest `keep` checkpoints plus the best by validation loss."""
+def _manager(run_dir: Path, create: bool, keep: int = 3, asynchronous: bool = False) -> ocp.CheckpointManager:
+    """The run's Orbax manager: keeps the newest `keep` checkpoints plus the best by validation loss.
+
+    `asynchronous`: save() returns once the arrays are on the host; wait_until_finished() waits for the rest.
+    """
     policy = cm.AnyPreservationPolicy(
         policies=[
             cm.LatestN(n=keep),
@@ -72,7 +79,7 @@ def _manager(run_dir: Path, create: bool, keep: int = 3) -> ocp.CheckpointManage
     )
     options = ocp.CheckpointManagerOptions(
         create=create,
-        enable_async_checkpointing=False,
+        enable_async_checkpointing=asynchronous,
         best_fn=lambda metrics: metrics[RANKING_METRIC],
         best_mode="min",
         preservation_policy=policy,
@@ -83,23 +90,13 @@ def _manager(run_dir: Path, create: bool, keep: int = 3) -> ocp.CheckpointManage
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_SUBDIR, options=options)
 
 
-def save_checkpoint(
-    run_dir: Path,
-    state: TrainState,
-    epoch: int,
-    config: Config,
-    dataset: Dataset,
-    val_loss: float | None = None,
-    epoch_finished: bool = True,
-) -> int:
-    """Write `state` (reached in `epoch`) as checkpoint number state.step; returns that step.
-
-    val_loss ranks it for `--checkpoint best`; a mid-epoch checkpoint (an interrupted run) has none.
-    """
-    step = int(state.step)
+def checkpoint_items(
+    state: TrainState, epoch: int, config: Config, dataset: Dataset, epoch_finished: bool = True
+) -> ocp.args.Composite:
+    """What a checkpoint holds: the arrays of `state`, and the metadata that rebuilds the run without its config."""
     meta = {
         "format_version": FORMAT_VERSION,
-        "step": step,
+        "step": int(state.step),
         "epoch": epoch,
         "epoch_finished": epoch_finished,
         "train_images": len(dataset.train_images),
@@ -111,8 +108,6 @@ def save_checkpoint(
         "prng_impl": PRNG_IMPL,
         "config": config.to_dict(),
     }
-    # JSON has no NaN or infinity; a non-finite validation loss ranks last.
-    metrics = None if val_loss is None else {RANKING_METRIC: val_loss if math.isfinite(val_loss) else 1e30}
     items = {
         "params": ocp.args.StandardSave(state.params),
         "opt_state": ocp.args.StandardSave(state.opt_state),
@@ -120,15 +115,95 @@ def save_checkpoint(
     }
     if state.ema_params is not None:
         items["ema_params"] = ocp.args.StandardSave(state.ema_params)
-    with _manager(run_dir, create=True, keep=config.train.keep_checkpoints) as manager:
-        manager.save(
-            step,
-            args=ocp.args.Composite(**items),
-            metrics=metrics,
-            force=True,
-        )
-        manager.wait_until_finished()
-    return step
+    return ocp.args.Composite(**items)
+
+
+def ranking_metrics(val_loss: float | None) -> dict[str, float] | None:
+    """The metrics Orbax ranks a checkpoint by; None (a mid-epoch checkpoint) ranks it not at all."""
+    if val_loss is None:
+        return None
+    # JSON has no NaN or infinity; a non-finite validation loss ranks last.
+    return {RANKING_METRIC: val_loss if math.isfinite(val_loss) else 1e30}
+
+
+class CheckpointWriter:
+    """A training run's checkpoints, saved asynchronously and one at a time.
+
+    save() returns once Orbax holds host copies of the arrays (so the caller may reuse the device
+    buffers); Orbax writes them into a temporary directory and renames it into place on its own thread.
+    Each save first waits for the previous one. wait() (and close()) block until the last is complete:
+    whoever reads the checkpoints, or leaves the process, calls it first.
+    """
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.run_dir, self.keep = Path(run_dir), keep
+        self._manager: ocp.CheckpointManager | None = None  # opened by the first save: no save, no folder
+
+    def save(
+        self,
+        state: TrainState,
+        epoch: int,
+        config: Config,
+        dataset: Dataset,
+        val_loss: float | None = None,
+        epoch_finished: bool = True,
+    ) -> int:
+        """Start writing `state` (reached in `epoch`) as checkpoint number state.step; returns that step.
+
+        val_loss ranks it for `--checkpoint best`; a mid-epoch checkpoint (an interrupted run) has none.
+        """
+        step = int(state.step)
+        items = checkpoint_items(state, epoch, config, dataset, epoch_finished)
+        try:
+            if self._manager is None:
+                self._manager = _manager(self.run_dir, create=True, keep=self.keep, asynchronous=True)
+            self._manager.save(step, args=items, metrics=ranking_metrics(val_loss), force=True)
+        except OSError as error:
+            raise OutputError(f"cannot write checkpoint {step} in {self.run_dir}: {error.strerror or error}") from error
+        return step
+
+    def wait(self) -> None:
+        """Block until the last save is complete on disk, raising OutputError if writing it failed."""
+        if self._manager is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except OSError as error:
+            raise OutputError(f"cannot write a checkpoint in {self.run_dir}: {error.strerror or error}") from error
+
+    def close(self) -> None:
+        """wait(), then release Orbax's resources; safe to call twice."""
+        try:
+            self.wait()
+        finally:
+            manager, self._manager = self._manager, None
+            if manager is not None:
+                # Orbax raises a failed save's error once per thread that waits: wait() has raised it already.
+                with contextlib.suppress(Exception):
+                    manager.close()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainState,
+    epoch: int,
+    config: Config,
+    dataset: Dataset,
+    val_loss: float | None = None,
+    epoch_finished: bool = True,
+) -> int:
+    """Write `state` (reached in `epoch`) as checkpoint number state.step and wait until it is complete.
+
+    val_loss ranks it for `--checkpoint best`; a mid-epoch checkpoint (an interrupted run) has none.
+    """
+    with CheckpointWriter(run_dir, config.train.keep_checkpoints) as writer:
+        return writer.save(state, epoch, config, dataset, val_loss, epoch_finished)
 
 
 def open_checkpoints(run_dir: Path) -> ocp.CheckpointManager:

@@ -2,27 +2,35 @@
 
 RUN_DIR/
   config.yaml                     the resolved config (what --config and --set amounted to)
-  metrics.jsonl                   one JSON object per epoch
+  metrics.jsonl                   one JSON object per epoch (wall_seconds: the epoch as the user waited for it)
   checkpoints/<step>/             weights, optimizer state, step and config (Orbax, atomic)
   samples/epoch_NNN.png           64 images decoded from the prior, z ~ N(0, I)
   reconstructions/epoch_NNN.png   validation images and their reconstructions through q(z|x)
   tensorboard/                    TensorBoard event files: every metric and both pictures per epoch
   curves.png                      loss, reconstruction and KL per epoch, drawn when the run ends
   evaluations/<split>-k<k>-n<images>.json   results of vae evaluate (vae runs shows the test NLL)
+
+An epoch's metrics line, pictures, events and checkpoint are written, in that order, on a worker thread
+while the next epoch trains (EpochOutputs); the checkpoint is saved asynchronously and becomes visible
+(renamed into place) last. Training waits for all of it before it returns or raises.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vaecli.checkpoint import load_train_state, read_latest_meta, save_checkpoint
+from vaecli.background import OrderedWorker
+from vaecli.checkpoint import CheckpointWriter, load_train_state, read_latest_meta
 from vaecli.config import Config, apply_override, config_from_dict, config_to_yaml, validate_config
 from vaecli.curves import write_curves
 from vaecli.data import Dataset, load_dataset, resolved_data_dir
@@ -30,11 +38,12 @@ from vaecli.data.download import DownloadProgress
 from vaecli.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingError, VaeError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
-from vaecli.model import VAE
+from vaecli.model import VAE, build_model
 from vaecli.rundir import (
     CHECKPOINT_SUBDIR,
     CURVES_FILE,
     EVALUATIONS_SUBDIR,
+    INFERENCE_SUBDIR,
     RUNS_ROOT,
     TENSORBOARD_SUBDIR,
     read_metrics,
@@ -50,7 +59,7 @@ PRIOR_PICTURE_COUNT = 64
 RECONSTRUCTION_PICTURE_COUNT = 8
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", CHECKPOINT_SUBDIR, "samples", "reconstructions", TENSORBOARD_SUBDIR, CURVES_FILE,
-    EVALUATIONS_SUBDIR,
+    EVALUATIONS_SUBDIR, INFERENCE_SUBDIR,
 )  # fmt: skip
 
 
@@ -73,6 +82,16 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     return ensure_directory(run_dir)
 
 
+def epoch_pictures(model: VAE, config: Config, val_images: np.ndarray) -> dict[str, np.ndarray]:
+    """The prior sample grid and the reconstruction figure of `model`, as uint8 arrays by folder name."""
+    prior_grid = make_grid(generate(model, PRIOR_PICTURE_COUNT, seed=PICTURE_SEED))
+    inputs = val_images[:RECONSTRUCTION_PICTURE_COUNT]
+    model_views, reconstructions = reconstruct(
+        model, inputs, encoder_sees_binary(config), num_samples=4, seed=PICTURE_SEED
+    )
+    return {"samples": prior_grid, "reconstructions": reconstruction_figure(model_views, reconstructions)}
+
+
 def write_epoch_pictures(
     run_dir: Path, model: VAE, config: Config, val_images: np.ndarray, epoch: int
 ) -> dict[str, np.ndarray]:
@@ -80,15 +99,19 @@ def write_epoch_pictures(
 
     Returns both pictures as uint8 arrays, by folder name.
     """
-    prior_samples = generate(model, PRIOR_PICTURE_COUNT, seed=PICTURE_SEED)
-    prior_grid = make_grid(prior_samples)
-    save_png(run_dir / "samples" / f"epoch_{epoch:03d}.png", prior_grid)
-    inputs = val_images[:RECONSTRUCTION_PICTURE_COUNT]
-    binarized = encoder_sees_binary(config)
-    model_views, reconstructions = reconstruct(model, inputs, binarized, num_samples=4, seed=PICTURE_SEED)
-    figure = reconstruction_figure(model_views, reconstructions)
-    save_png(run_dir / "reconstructions" / f"epoch_{epoch:03d}.png", figure)
-    return {"samples": prior_grid, "reconstructions": figure}
+    pictures = epoch_pictures(model, config, val_images)
+    for folder, picture in pictures.items():
+        save_png(run_dir / folder / f"epoch_{epoch:03d}.png", picture)
+    return pictures
+
+
+def compile_epoch_pictures(config: Config, dataset: Dataset) -> None:
+    """Compile what epoch_pictures runs, on a new model of the run's shapes (its weights do not matter).
+
+    Done on the worker while the main thread compiles the training step, one compilation per core:
+    otherwise the first pictures compile (seconds) while epoch 2 trains, and slow it down as much.
+    """
+    epoch_pictures(build_model(config.model, dataset.image_shape, config.seed), config, dataset.val_images)
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
@@ -241,44 +264,123 @@ def keep_metrics_up_to(run_dir: Path, completed_epochs: int) -> None:
         write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
+class EpochOutputs:
+    """What each epoch leaves in the run directory, written on a worker thread while the next epoch trains.
+
+    Per epoch, in this order: wait for the previous checkpoint, the metrics line, the pictures, the
+    TensorBoard events, then the checkpoint (asynchronous; renamed into place when complete). A run killed
+    at any moment therefore has the metrics and pictures of every checkpointed epoch, and at most one
+    epoch's beyond its newest checkpoint, which resuming drops (purges, for TensorBoard). At most one
+    epoch waits behind the one being written.
+    The worker holds the epoch's copy of the state (EpochResult), which no later step donates.
+    """
+
+    def __init__(self, run_dir: Path, config: Config, dataset: Dataset, first_epoch: int):
+        self.run_dir, self.config, self.dataset = run_dir, config, dataset
+        self.checkpoints = CheckpointWriter(run_dir, config.train.keep_checkpoints)
+        self.events = EpochEvents(run_dir / TENSORBOARD_SUBDIR, first_epoch) if config.train.tensorboard else None
+        self.worker = OrderedWorker("epoch outputs", drain=self._flush)
+        self.worker.submit(functools.partial(compile_epoch_pictures, config, dataset))
+        self.saved_steps: list[int] = []  # handed to the worker to checkpoint
+        self._previous: threading.Event | None = None  # set when the last epoch handed over is written
+
+    def wait_for_previous(self) -> None:
+        """Block until the epoch handed over last is written (or started saving); raise what went wrong."""
+        if self._previous is not None:
+            self.worker.wait_for(self._previous)
+        self.worker.check()
+
+    def record(self, result: EpochResult, metrics: dict) -> None:
+        """Hand an epoch over to be written; `metrics` is its metrics.jsonl line."""
+        self.wait_for_previous()
+        self.saved_steps.append(metrics["step"])
+        self._previous = self.worker.submit(functools.partial(self._write_epoch, result, metrics))
+
+    def save_mid_epoch(self, state: TrainState, epoch: int) -> None:
+        """Checkpoint a run stopped inside `epoch`, after everything handed over before."""
+        save = functools.partial(self.checkpoints.save, state, epoch, self.config, self.dataset, epoch_finished=False)
+        self.worker.wait_for(self.worker.submit(save))
+        self.worker.check()
+
+    def close(self, check: bool = True) -> None:
+        """Wait until everything handed over is on disk, then stop; raise what went wrong unless `check` is off
+        (when another error is already on its way, which this must not replace)."""
+        self.worker.close()
+        try:
+            self.checkpoints.close()  # the worker's drain has waited for the last save already
+        except Exception:
+            if check:
+                raise
+        finally:
+            if self.events is not None:
+                self.events.close()
+        if check:
+            self.worker.check()
+
+    def _write_epoch(self, result: EpochResult, metrics: dict) -> None:
+        # The previous checkpoint complete first: a metrics line then always has every earlier epoch's
+        # checkpoint behind it, so a run killed after epoch N's line resumes from epoch N - 1 at the worst.
+        self.checkpoints.wait()
+        append_metrics(self.run_dir, metrics)
+        model = result.model()
+        pictures = write_epoch_pictures(self.run_dir, model, self.config, self.dataset.val_images, result.epoch)
+        if self.events is not None:
+            self.events.add_epoch(metrics, pictures)
+        self.checkpoints.save(result.state, result.epoch, self.config, self.dataset, metrics["val_loss"])
+
+    def _flush(self) -> None:
+        """On the worker: the last checkpoint complete, the events on disk."""
+        self.checkpoints.wait()
+        if self.events is not None:
+            self.events.flush()
+
+
+class Laps:
+    """Seconds between successive lap() calls, the first counted from when the Laps was made."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
 def continue_training(
     config: Config, dataset: Dataset, run_dir: Path, start: TrainState | None, hooks: RunHooks
 ) -> RunResult:
     """Train from `start` (None: from scratch), recording each epoch; save a checkpoint where a stop request lands.
 
-    curves.png is drawn once, when the run ends (finished, stopped or diverged), not every epoch: matplotlib
-    would put about a second on each epoch's critical path, while TensorBoard and `vae curves` already show
-    a run in progress.
+    Every output handed over is complete on disk when this returns or raises. curves.png is drawn once,
+    when the run ends (finished, stopped or diverged), not every epoch: matplotlib would put about a
+    second on each epoch, while TensorBoard and `vae curves` already show a run in progress.
     """
-    saved_steps: list[int] = []
-    first_epoch = first_epoch_to_train(config, dataset, start)
-    events = EpochEvents(run_dir / TENSORBOARD_SUBDIR, first_epoch) if config.train.tensorboard else None
+    outputs = EpochOutputs(run_dir, config, dataset, first_epoch_to_train(config, dataset, start))
+    epoch_clock = Laps()  # the first epoch's wall time includes compiling the training step
 
     def record_epoch(result: EpochResult) -> None:
-        # Metrics, pictures and events first: a run killed in between has them for every checkpointed
-        # epoch, and resuming drops (purges, for TensorBoard) what belongs to epochs after its checkpoint.
-        append_metrics(run_dir, result.metrics)
-        pictures = write_epoch_pictures(run_dir, result.model(), config, dataset.val_images, result.epoch)
-        if events is not None:
-            events.add_epoch(result.metrics, pictures)
-        saved_steps.append(
-            save_checkpoint(run_dir, result.state, result.epoch, config, dataset, result.metrics["val_loss"])
-        )
+        # Waiting for the previous epoch's outputs (rarely needed) belongs to this epoch's wall time.
+        outputs.wait_for_previous()
+        metrics = {**result.metrics, "wall_seconds": epoch_clock.lap()}
+        outputs.record(result, metrics)
         if hooks.on_epoch_end:
-            hooks.on_epoch_end(result.metrics)
+            hooks.on_epoch_end(metrics)
 
     try:
         outcome = train(config, dataset, hooks.on_progress, record_epoch, start, hooks.should_stop)
+        step = int(outcome.state.step)
+        if outcome.stopped_in_epoch is not None and step not in outputs.saved_steps:
+            outputs.save_mid_epoch(outcome.state, outcome.stopped_in_epoch)
     except NonFiniteLoss as error:
+        outputs.close(check=False)  # the last good checkpoint is complete before the message names it
         with contextlib.suppress(VaeError):  # the curves show where it diverged, but must not hide why it stopped
             draw_curves_so_far(run_dir)
         raise TrainingError(diverged_message(error, run_dir)) from error
-    finally:
-        if events is not None:
-            events.close()
-    step = int(outcome.state.step)
-    if outcome.stopped_in_epoch is not None and step not in saved_steps:
-        save_checkpoint(run_dir, outcome.state, outcome.stopped_in_epoch, config, dataset, epoch_finished=False)
+    except BaseException:
+        outputs.close(check=False)  # what was handed over is still written before the error goes on
+        raise
+    outputs.close()
     draw_curves_so_far(run_dir)
     return RunResult(run_dir, None if outcome.stopped_in_epoch is None else step)
 

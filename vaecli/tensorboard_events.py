@@ -59,6 +59,10 @@ class EpochEvents:
         for tag, pixels in pictures.items():
             self.writer.add_image(tag, pixels, epoch, dataformats="HW" if pixels.ndim == 2 else "HWC")
 
+    def flush(self) -> None:
+        """Write what is queued now, rather than within FLUSH_SECONDS."""
+        self.writer.flush()
+
     def close(self) -> None:
         """Write what is queued and close the file."""
         self.writer.close()
