@@ -35,7 +35,9 @@ def vae(*args):
 
 
 def everything_under(folder: Path) -> set[Path]:
-    return set(folder.rglob("*"))
+    # A run's inference/ folder is a cache of its weights, written whole (atomically) the first time a
+    # command opens the run, before it reads its other inputs: not an output of the command.
+    return {path for path in folder.rglob("*") if "inference" not in path.relative_to(folder).parts}
 
 
 # --- making bad (and good) inputs ---------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Start-up: the persistent compilation cache, private and reused; large outputs in bounded memory."""
+"""Start-up: the persistent compilation cache, private and reused; large outputs in bounded memory; what each
+command imports."""
 
 import ast
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import pytest
 
 from vaecli.cache import enable_compilation_cache, private_directory
 from vaecli.images import save_npz_streamed
+from vaecli.inference_run import inference_paths, open_inference_run
+from vaecli.rundir import INFERENCE_SUBDIR
 
 
 def test_the_cache_folder_is_made_private(tmp_path):
@@ -41,17 +45,26 @@ def test_enabling_points_jax_at_the_user_cache(tmp_path, monkeypatch):
         jax.config.update("jax_compilation_cache_dir", previous)
 
 
-def test_a_second_generate_reuses_the_compiled_programs(tmp_path, trained_run_dir):
+def test_a_second_generate_reuses_the_compiled_programs_and_the_kept_weights(tmp_path, trained_run_dir, trained_run):
+    """The first generate restores the checkpoint (Orbax, Flax) and keeps its weights; the second reads them.
+    Both write the bytes the Flax model decodes."""
+    from vaecli.sample import save_prior_samples
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run_dir, run_dir, ignore=shutil.ignore_patterns(INFERENCE_SUBDIR))
     environment = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    command = [sys.executable, "-m", "vaecli", "generate", "--run", str(trained_run_dir), "--n", "16"]
+    command = [sys.executable, "-m", "vaecli", "generate", "--run", str(run_dir), "--n", "16"]
     cache = tmp_path / "cache" / "vaecli" / "jax-compilation"
 
     subprocess.run([*command, "--out", str(tmp_path / "first.png")], env=environment, check=True, timeout=120)
     entries = sorted(path.name for path in cache.iterdir())
     assert any(name.startswith("jit__decode_prior_batch") for name in entries), entries
+    assert all(path.is_file() for path in inference_paths(run_dir, trained_run.step))
     subprocess.run([*command, "--out", str(tmp_path / "second.png")], env=environment, check=True, timeout=120)
     assert sorted(path.name for path in cache.iterdir()) == entries  # every program came from the cache
-    assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
+    save_prior_samples(tmp_path / "flax.png", trained_run.model, 16, seed=0, temperature=1.0)
+    assert (tmp_path / "first.png").read_bytes() == (tmp_path / "flax.png").read_bytes()
+    assert (tmp_path / "second.png").read_bytes() == (tmp_path / "flax.png").read_bytes()
 
 
 def test_a_streamed_npz_holds_exactly_the_chunks(tmp_path):
@@ -79,13 +92,17 @@ def test_generate_to_npz_streams_batches_and_matches_the_in_memory_result(tmp_pa
 HEAVY_MODULES = ("jax", "flax", "orbax", "matplotlib", "tensorboardX")
 
 
-def modules_loaded_by(*arguments: str) -> tuple[list[str], str]:
-    """Which of HEAVY_MODULES `vae ARGUMENTS` imports (run in a fresh interpreter), and what it printed."""
+def modules_loaded_by(*arguments: str, then: tuple[list[str], ...] = ()) -> tuple[list[str], str]:
+    """Which of HEAVY_MODULES `vae ARGUMENTS` imports (run in a fresh interpreter), and what it printed;
+    `then`: the arguments of more commands run after it in the same interpreter."""
+    run_commands = "".join(
+        f"sys.argv = ['vae', *{list(command)!r}]\ntry:\n    app()\nexcept SystemExit:\n    pass\n"
+        for command in (list(arguments), *then)
+    )
     probe = (
         "import sys\n"
-        f"sys.argv = ['vae', *{list(arguments)!r}]\n"
         "from vaecli.cli import app\n"
-        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        f"{run_commands}"
         f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
@@ -101,3 +118,28 @@ def test_help_loads_no_plotting_tensorboard_or_jax(arguments):
 def test_listing_runs_loads_no_plotting_tensorboard_or_jax(trained_run_dir):
     loaded, printed = modules_loaded_by("runs", str(trained_run_dir.parent))
     assert trained_run_dir.name in printed and loaded == []
+
+
+@pytest.fixture(scope="module")
+def run_with_kept_weights(tmp_path_factory, trained_run_dir):
+    """A copy of the trained run whose weights are kept for inference, with a 2-component gmm fitted."""
+    from vaecli.samplers import run_mixture
+
+    run_dir = tmp_path_factory.mktemp("kept") / "run"
+    shutil.copytree(trained_run_dir, run_dir)
+    run_mixture(open_inference_run(run_dir), components=2)
+    return run_dir
+
+
+def test_decoding_commands_read_the_kept_weights_with_neither_orbax_nor_flax(run_with_kept_weights, tmp_path):
+    run = ["--run", str(run_with_kept_weights)]
+    gmm = ["--sampler", "gmm", "--components", "2"]
+    loaded, printed = modules_loaded_by(
+        "generate", "--n", "16", *run, "--out", str(tmp_path / "prior.png"),
+        then=(
+            ["generate", *gmm, "--n", "16", *run, "--out", str(tmp_path / "gmm.png")],
+            ["reconstruct", "--samples", "2", *run, "--out", str(tmp_path / "reconstructions.png")],
+        ),
+    )  # fmt: skip
+    assert loaded == ["jax"], printed
+    assert printed.count(f"run {run_with_kept_weights}") == 3, printed

@@ -14,22 +14,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from vaecli.checkpoint import LoadedRun
 from vaecli.config import Config
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
+from vaecli.inference import latents_from_noise
 from vaecli.likelihoods import bits_per_dim
-from vaecli.model import latents_from_noise
 from vaecli.objectives import importance_log_weights, kl_per_dimension
 from vaecli.sample import sampling_key
-from vaecli.train import SPLIT_NUMBERS, binarize_once, device_split, intensities, split_model
+from vaecli.train import SPLIT_NUMBERS, binarize_once, device_split, intensities
+
+if TYPE_CHECKING:
+    from vaecli.checkpoint import LoadedRun
+    from vaecli.inference_run import InferenceRun
 
 # Burda et al.: a unit is active when its posterior mean varies over the data by more than this.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -107,22 +109,20 @@ def call_shape(k: int, outputs_per_row: int) -> tuple[int, int, int]:
     return images, samples, -(-k // samples)
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _encode(graphdef, params, targets):
+@jax.jit
+def _encode(model, targets):
     """The posterior of each image: (mean, log-variance), each [images, latent]."""
-    return nnx.merge(graphdef, params).encode(targets)
+    return model.encode(targets)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "k", "samples_per_step"))
-def _importance_step(
-    graphdef, params, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step
-):
+@partial(jax.jit, static_argnames=("k", "samples_per_step"))
+def _importance_step(model, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step):
     """Fold samples step_index * samples_per_step ... of each image into the running log-sum-exp of its weights.
 
     One compiled call per step, not a lax.scan over steps: XLA's CPU backend runs a convolutional
     decoder inside a loop an order of magnitude slower (see vaecli.train.steps_per_chunk_for).
+    `model`: a VAE or an InferenceModel, pytrees both (see vaecli.sample).
     """
-    model = nnx.merge(graphdef, params)
     running_max, running_sum, log_likelihood_sum = running
     # Sample j of image i is drawn from fold_in(image key i, j): the same whatever the batching,
     # and the first k' samples of a larger k are those of k'.
@@ -145,16 +145,16 @@ def _importance_step(
     return new_max, running_sum, log_likelihood_sum
 
 
-def _batch_statistics(graphdef, params, targets, image_indices, seed_key, k, samples_per_step, steps):
+def _batch_statistics(model, targets, image_indices, seed_key, k, samples_per_step, steps):
     """Per image: log p(x) by the k-sample bound, reconstruction, KL per dimension, posterior mean and variance."""
-    mean, log_variance = _encode(graphdef, params, targets)
+    mean, log_variance = _encode(model, targets)
     image_keys = jax.vmap(lambda index: jax.random.fold_in(seed_key, index))(image_indices)
     count = targets.shape[0]
     # A finite floor, not -inf, so that the first rescale is exp(-1e30 - max) = 0, not NaN.
     running = (jnp.full(count, -1e30), jnp.zeros(count), jnp.zeros(count))
     for step_index in range(steps):
         running = _importance_step(
-            graphdef, params, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step
+            model, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step
         )
     log_max, weight_sum, log_likelihood_sum = running
     log_px = log_max + jnp.log(weight_sum) - math.log(k)
@@ -211,7 +211,7 @@ def aggregate_posterior_summary(totals: _Totals) -> dict[str, Any]:
 
 
 def evaluate_images(
-    run: LoadedRun,
+    run: LoadedRun | InferenceRun,
     images_uint8: np.ndarray,
     split: str,
     k: int,
@@ -223,7 +223,6 @@ def evaluate_images(
         raise UsageError(f"--k must be at least 1, got {k}")
     started = time.perf_counter()
     model = run.model
-    graphdef, params = split_model(model)
     targets = evaluation_targets(run.config, images_uint8, split, seed)
     count = targets.shape[0]
     images_per_call, samples_per_step, steps = call_shape(k, model.num_values * model.likelihood.params_per_value)
@@ -234,7 +233,7 @@ def evaluate_images(
     for first in range(0, count, images_per_call):
         indices = jnp.arange(first, first + images_per_call)
         statistics = _batch_statistics(
-            graphdef, params, padded[first : first + images_per_call], indices, seed_key, k, samples_per_step, steps
+            model, padded[first : first + images_per_call], indices, seed_key, k, samples_per_step, steps
         )
         kept = min(images_per_call, count - first)
         totals.add(*(np.asarray(array)[:kept] for array in statistics))
@@ -274,7 +273,7 @@ def summarize(config: Config, totals: _Totals, split: str, k: int, seed: int, nu
 
 
 def evaluate_split(
-    run: LoadedRun,
+    run: LoadedRun | InferenceRun,
     split: str = "test",
     k: int = 5000,
     max_images: int | None = None,
@@ -292,6 +291,6 @@ def evaluate_split(
     return SplitEvaluation(**{**evaluation.__dict__, "extra": {"weights": weights, "step": run.step}})
 
 
-def evaluation_record(run: LoadedRun, evaluation: SplitEvaluation) -> dict[str, Any]:
+def evaluation_record(run: LoadedRun | InferenceRun, evaluation: SplitEvaluation) -> dict[str, Any]:
     """What `vae evaluate --json` prints and the run directory keeps (see vaecli.rundir.record_evaluation)."""
     return {"run": str(run.run_dir), "dataset": run.dataset_name, **evaluation.to_dict()}

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from vaecli.checkpoint import LoadedRun
 from vaecli.data import load_dataset
@@ -26,7 +26,9 @@ from vaecli.images import load_input_for_model
 from vaecli.model import VAE
 from vaecli.objectives import kl_per_dimension
 from vaecli.sample import DECODE_BATCH_SIZE, encoder_sees_binary, model_views, sampling_key
-from vaecli.train import split_model
+
+if TYPE_CHECKING:
+    from vaecli.inference import InferenceModel
 
 # Images per compiled encoder call; the last batch is padded, so a split compiles once.
 ENCODE_BATCH_SIZE = 1024
@@ -51,21 +53,23 @@ class SplitCodes:
     class_names: tuple[str, ...]  # label i names class_names[i]; empty when unknown
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _encode_batch(graphdef, params, views):
-    return nnx.merge(graphdef, params).encode(views)
+@jax.jit
+def _encode_batch(model, views):
+    return model.encode(views)
 
 
-def encode_views(model: VAE, views: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(posterior means, log-variances), float32 [N, latent], of encoder inputs float32 [N, values]."""
-    graphdef, params = split_model(model)
+def encode_views(model: VAE | InferenceModel, views: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior means, log-variances), float32 [N, latent], of encoder inputs float32 [N, values].
+
+    `model` a VAE or an InferenceModel: a pytree either way (see vaecli.sample).
+    """
     views = jnp.asarray(views, jnp.float32).reshape(len(views), -1)
     count = views.shape[0]
     batch_size = max(1, min(count, ENCODE_BATCH_SIZE))
     padded = jnp.concatenate([views, jnp.zeros((-count % batch_size, views.shape[1]), views.dtype)])
     means, log_variances = [], []
     for first in range(0, count, batch_size):
-        batch_means, batch_log_variances = _encode_batch(graphdef, params, padded[first : first + batch_size])
+        batch_means, batch_log_variances = _encode_batch(model, padded[first : first + batch_size])
         means.append(np.asarray(batch_means))
         log_variances.append(np.asarray(batch_log_variances))
     return np.concatenate(means)[:count], np.concatenate(log_variances)[:count]
@@ -239,18 +243,16 @@ def traversal_latents(centre: np.ndarray, dims: list[int], offsets: np.ndarray) 
     return latents
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _decode_means(graphdef, params, latents):
-    model = nnx.merge(graphdef, params)
+@jax.jit
+def _decode_means(model, latents):
     return model.likelihood.mean(model.decode(latents))
 
 
-def decode_means(model: VAE, latents: np.ndarray) -> np.ndarray:
+def decode_means(model: VAE | InferenceModel, latents: np.ndarray) -> np.ndarray:
     """The mean of p(x|z) for each latent [N, latent], as generate decodes: float32 [N, *image_shape]."""
-    graphdef, params = split_model(model)
     latents = np.asarray(latents, np.float32)
     batches = [
-        np.asarray(_decode_means(graphdef, params, latents[first : first + DECODE_BATCH_SIZE]))
+        np.asarray(_decode_means(model, latents[first : first + DECODE_BATCH_SIZE]))
         for first in range(0, len(latents), DECODE_BATCH_SIZE)
     ]
     return np.concatenate(batches).reshape(len(latents), *model.image_shape)

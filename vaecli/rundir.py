@@ -6,7 +6,9 @@ the plain-text records (metrics.jsonl, evaluations/*.json) read back.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,15 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 TENSORBOARD_SUBDIR = "tensorboard"
 EVALUATIONS_SUBDIR = "evaluations"
+INFERENCE_SUBDIR = "inference"
+# The validation figure `--checkpoint best` ranks checkpoints by (lowest first). What Orbax writes in
+# checkpoints/<step>/: the metrics in metrics/metrics, the run's metadata in meta/metadata, the weights in
+# params/ (and ema_params/), and _CHECKPOINT_METADATA, with the commit time, when the step is complete.
+RANKING_METRIC = "val_loss"
+ORBAX_METRICS_FILE = Path("metrics") / "metrics"
+ORBAX_META_FILE = Path("meta") / "metadata"
+ORBAX_COMMIT_FILE = "_CHECKPOINT_METADATA"
+WEIGHT_ITEMS = ("params", "ema_params")
 
 
 def latest_run_dir(runs_root: Path = RUNS_ROOT) -> Path:
@@ -37,6 +48,63 @@ def checkpoint_step_dirs(run_dir: Path) -> list[Path]:
         return []
     steps = [path for path in folder.iterdir() if path.name.isdigit() and path.is_dir()]
     return sorted(steps, key=lambda path: int(path.name))
+
+
+def chosen_checkpoint_step(run_dir: Path, which: str | int = "best") -> int | None:
+    """The step `--checkpoint which` names (best, latest or a step), read from the files Orbax leaves, as
+    checkpoint.choose_step asks Orbax; None whenever the files do not say for certain: then ask Orbax.
+
+    best is the lowest ranking metric, the newest step among equals (Orbax's stable sort), or the newest
+    step when none has a metric.
+    """
+    # Orbax names a committed step plainly (no sign, no leading zero) and a step being written otherwise.
+    steps = {
+        int(path.name): path
+        for path in checkpoint_step_dirs(run_dir)
+        if path.name.isascii() and str(int(path.name)) == path.name
+    }
+    if not steps:
+        return None
+    if which == "latest":
+        return max(steps)
+    if which != "best":
+        step = int(which) if str(which).isascii() and str(which).isdigit() else None
+        return step if step in steps else None
+    ranked = {}
+    for step, path in steps.items():
+        try:
+            metrics = json.loads((path / ORBAX_METRICS_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue  # a mid-epoch checkpoint has no metrics and takes no part in the ranking
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        value = metrics.get(RANKING_METRIC) if isinstance(metrics, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return None  # training writes a finite number; anything else is Orbax's to judge
+        ranked[step] = value
+    if not ranked:
+        return max(steps)
+    return min(ranked, key=lambda step: (ranked[step], -step))
+
+
+def checkpoint_identity(run_dir: Path, step: int) -> str | None:
+    """A digest that changes whenever checkpoint `step` does: of its commit record (the commit time, to the
+    nanosecond, tells apart two checkpoints of one step, e.g. of a run trained again into the same folder),
+    its metadata, and the names, sizes and modification times of its weight files (reading the weights
+    themselves would cost as much as loading them). None when the checkpoint has no such records.
+    """
+    step_dir = Path(run_dir) / CHECKPOINT_SUBDIR / str(step)
+    digest = hashlib.sha256()
+    try:
+        digest.update((step_dir / ORBAX_COMMIT_FILE).read_bytes())
+        digest.update((step_dir / ORBAX_META_FILE).read_bytes())
+        weight_files = sorted(path for item in WEIGHT_ITEMS for path in (step_dir / item).rglob("*") if path.is_file())
+        for path in weight_files:
+            info = path.stat()
+            digest.update(f"{path.relative_to(step_dir)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -3,6 +3,10 @@
 Each sample's noise comes from fold_in(sampling_key(seed), its index), so image i is the same
 whatever --n or batch size is used, and the same seed gives the same bytes. A decoded image is the
 mean of p(x|z) (each pixel's probability, or the logistic mixture's expected level), not a draw.
+
+A model here is a Flax VAE (vaecli.model) or its weights as an InferenceModel (vaecli.inference): both
+are pytrees, which the compiled functions take as an argument, and both give the same numbers. Nothing
+here imports Flax, so that generate and reconstruct can start without it.
 """
 
 from __future__ import annotations
@@ -11,13 +15,12 @@ import math
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from vaecli.checkpoint import LoadedRun
 from vaecli.config import Config
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
@@ -29,8 +32,12 @@ from vaecli.images import (
     save_npz_streamed,
     save_png,
 )
-from vaecli.model import VAE, latents_from_noise
-from vaecli.train import bernoulli_draw, intensities
+from vaecli.inference import InferenceModel, bernoulli_draw, intensities, latents_from_noise
+
+if TYPE_CHECKING:
+    from vaecli.checkpoint import LoadedRun
+    from vaecli.inference_run import InferenceRun
+    from vaecli.model import VAE
 
 # Images decoded per compiled call: bounds device memory for any --n.
 DECODE_BATCH_SIZE = 1024
@@ -42,9 +49,18 @@ SAMPLING_STREAM = 5
 INPUT_DRAW_STREAM = 6
 
 
-def sampling_key(seed: int, stream: int = SAMPLING_STREAM) -> jax.Array:
+def sampling_key(seed: int | jax.Array, stream: int = SAMPLING_STREAM) -> jax.Array:
     """The root of --seed's draws, apart from every other use of the same number."""
     return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def seed_operand(seed: int) -> np.uint32:
+    """--seed as an argument of a compiled function, which makes its key itself: the same key as
+    sampling_key(seed) outside, while two small programs made outside would each cost every command a
+    compilation or a cache read."""
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed must be between 0 and {2**32 - 1}, got {seed}")
+    return np.uint32(seed)
 
 
 def encoder_sees_binary(config: Config) -> bool:
@@ -57,11 +73,10 @@ def _per_index_normal(seed_key: jax.Array, indices: jax.Array, shape: tuple[int,
     return jax.vmap(lambda index: jax.random.normal(jax.random.fold_in(seed_key, index), shape))(indices)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "batch_size"))
-def _decode_prior_batch(graphdef, params, seed_key, first_index, temperature, batch_size):
-    model = nnx.merge(graphdef, params)
+@partial(jax.jit, static_argnames=("batch_size",))
+def _decode_prior_batch(model, seed, first_index, temperature, batch_size):
     indices = first_index + jnp.arange(batch_size)
-    latents = temperature * _per_index_normal(seed_key, indices, (model.latent_dim,))
+    latents = temperature * _per_index_normal(sampling_key(seed), indices, (model.latent_dim,))
     return model.likelihood.mean(model.decode(latents))
 
 
@@ -71,21 +86,22 @@ def check_temperature(temperature: float) -> None:
         raise UsageError(f"--temperature must be a positive number, got {temperature}")
 
 
-def generate_batches(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> Iterator[np.ndarray]:
+def generate_batches(
+    model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0
+) -> Iterator[np.ndarray]:
     """generate() a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]), for bounded memory."""
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     check_temperature(temperature)
-    graphdef, params = nnx.split(model, nnx.Param)
     batch_size = min(n, DECODE_BATCH_SIZE)
-    seed_key = sampling_key(seed)
     for first in range(0, n, batch_size):
-        means = _decode_prior_batch(graphdef, params, seed_key, first, temperature, batch_size)
+        means = _decode_prior_batch(model, seed_operand(seed), first, temperature, batch_size)
         count = min(batch_size, n - first)
-        yield np.asarray(means[:count]).reshape(count, *model.image_shape)
+        # Sliced on the host: slicing the device array would run (and compile) one more program.
+        yield np.asarray(means)[:count].reshape(count, *model.image_shape)
 
 
-def generate(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+def generate(model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
     """n images decoded from z ~ N(0, temperature^2 I): means of p(x|z), float32 [n, *image_shape] in [0, 1]."""
     return np.concatenate(list(generate_batches(model, n, seed, temperature)))
 
@@ -108,9 +124,11 @@ def model_views(images_uint8: jax.Array, binarized: bool, seed_key: jax.Array, f
     return draws.astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_samples", "use_mean"))
-def _reconstruct_batch(graphdef, params, views, seed_key, first_index, num_samples, use_mean):
-    model = nnx.merge(graphdef, params)
+@partial(jax.jit, static_argnames=("binarized", "num_samples", "use_mean"))
+def _reconstruct_batch(model, images_uint8, binarized, seed, first_index, num_samples, use_mean):
+    """(what the encoder saw, [batch, values]; the decoded means, [batch * num_samples, values])."""
+    seed_key = sampling_key(seed)
+    views = model_views(images_uint8, binarized, seed_key, first_index)
     posterior_mean, posterior_log_variance = model.encode(views)
     if use_mean:
         latents = jnp.repeat(posterior_mean[:, None, :], num_samples, axis=1)
@@ -120,11 +138,11 @@ def _reconstruct_batch(graphdef, params, views, seed_key, first_index, num_sampl
         input_keys = jax.vmap(lambda index: jax.random.fold_in(seed_key, index))(indices)
         noise = jax.vmap(lambda key: _per_index_normal(key, jnp.arange(num_samples), (model.latent_dim,)))(input_keys)
         latents = latents_from_noise(posterior_mean[:, None, :], posterior_log_variance[:, None, :], noise)
-    return model.likelihood.mean(model.decode(latents.reshape(-1, model.latent_dim)))
+    return views, model.likelihood.mean(model.decode(latents.reshape(-1, model.latent_dim)))
 
 
 def reconstruct(
-    model: VAE,
+    model: VAE | InferenceModel,
     images_uint8: np.ndarray,
     binarized: bool,
     num_samples: int = 1,
@@ -140,16 +158,16 @@ def reconstruct(
         raise UsageError(f"--samples must be at least 1, got {num_samples}")
     if tuple(images_uint8.shape[1:]) != model.image_shape:
         raise UsageError(f"images of shape {images_uint8.shape[1:]} given to a model of {model.image_shape}")
-    graphdef, params = nnx.split(model, nnx.Param)
     count = len(images_uint8)
     batch_size = min(count, max(1, DECODE_BATCH_SIZE // num_samples))
     padded = np.concatenate([images_uint8, np.zeros((-count % batch_size, *model.image_shape), np.uint8)])
-    seed_key = sampling_key(seed)
     views, means = [], []
     for first in range(0, count, batch_size):
-        batch_views = model_views(padded[first : first + batch_size], binarized, seed_key, first)
+        batch = padded[first : first + batch_size]
+        batch_views, batch_means = _reconstruct_batch(
+            model, batch, binarized, seed_operand(seed), first, num_samples, use_mean
+        )
         views.append(np.asarray(batch_views))
-        batch_means = _reconstruct_batch(graphdef, params, batch_views, seed_key, first, num_samples, use_mean)
         means.append(np.asarray(batch_means))
     seen = np.concatenate(views).reshape(-1, *model.image_shape)[:count]
     return seen, np.concatenate(means).reshape(-1, num_samples, *model.image_shape)[:count]
@@ -160,7 +178,7 @@ def reconstruct(
 RECONSTRUCT_DEFAULT_COUNT = 16
 
 
-def save_prior_samples(out: Path, model: VAE, n: int, seed: int, temperature: float) -> Path:
+def save_prior_samples(out: Path, model: VAE | InferenceModel, n: int, seed: int, temperature: float) -> Path:
     """generate() and write a grid PNG, or an .npz holding `samples` [n, H, W] float32.
 
     The .npz is written a batch at a time, so any --n fits in memory.
@@ -171,7 +189,7 @@ def save_prior_samples(out: Path, model: VAE, n: int, seed: int, temperature: fl
     return save_png(out, make_grid(generate(model, n, seed, temperature)))
 
 
-def model_inputs(run: LoadedRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
+def model_inputs(run: LoadedRun | InferenceRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
     """The images to reconstruct as the model sees them (uint8), and a phrase saying where they came from."""
     if input_paths:
         images = np.stack([load_input_for_model(path, run.image_shape, run.preprocessing) for path in input_paths])
@@ -181,7 +199,7 @@ def model_inputs(run: LoadedRun, input_paths: list[Path]) -> tuple[np.ndarray, s
 
 
 def save_reconstructions(
-    out: Path, run: LoadedRun, input_paths: list[Path], num_samples: int, seed: int, use_mean: bool
+    out: Path, run: LoadedRun | InferenceRun, input_paths: list[Path], num_samples: int, seed: int, use_mean: bool
 ) -> str:
     """reconstruct() the inputs (or test images) and write the figure PNG or an .npz; returns the source phrase."""
     images_uint8, source = model_inputs(run, input_paths)

@@ -17,20 +17,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from vaecli.checkpoint import LoadedRun
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
 from vaecli.images import make_grid, save_npz, save_npz_streamed, save_png
-from vaecli.latent import split_codes
-from vaecli.model import VAE
-from vaecli.sample import DECODE_BATCH_SIZE, check_temperature, sampling_key, save_prior_samples
-from vaecli.train import split_model
+from vaecli.sample import DECODE_BATCH_SIZE, check_temperature, sampling_key, save_prior_samples, seed_operand
+
+if TYPE_CHECKING:
+    from vaecli.checkpoint import LoadedRun
+    from vaecli.inference import InferenceModel
+    from vaecli.inference_run import InferenceRun
+    from vaecli.model import VAE
 
 SAMPLERS = ("prior", "gmm")
 SAMPLER_SUBDIR = "samplers"
@@ -120,12 +122,14 @@ class MixtureFit:
     fitted_now: bool
 
 
-def run_mixture(run: LoadedRun, components: int) -> MixtureFit:
+def run_mixture(run: LoadedRun | InferenceRun, components: int) -> MixtureFit:
     """The mixture fitted to the run's training codes at this checkpoint: read from its cache, or fitted and cached."""
     path = mixture_cache_path(run.run_dir, run.step, components)
     cached = read_cached_mixture(path, components, run.model.latent_dim)
     if cached is not None:
         return MixtureFit(cached, path, False)
+    from vaecli.latent import split_codes  # imports Flax: only a fit needs it, never drawing from a cached mixture
+
     check_enough_images(len(load_dataset(run.config.data).train_images), components)  # before encoding them
     codes = split_codes(run, "train", seed=run.config.seed).means
     mixture = fit_gaussian_mixture(codes, components, run.config.seed)
@@ -136,13 +140,16 @@ def run_mixture(run: LoadedRun, components: int) -> MixtureFit:
 # ---- drawing -------------------------------------------------------------------------------------
 
 
-def device_mixture(mixture: GaussianMixture) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(cumulative weights, means, Cholesky factors of the covariances) as float32 arrays for the jitted draw."""
+def device_mixture(mixture: GaussianMixture) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cumulative weights, means, Cholesky factors of the covariances) as float32 arrays for the jitted draw.
+
+    Rounded to float32 by NumPy, not JAX: on the device each conversion would be a program of its own.
+    """
     cumulative = np.cumsum(mixture.weights)
     return (
-        jnp.asarray(cumulative / cumulative[-1], jnp.float32),
-        jnp.asarray(mixture.means, jnp.float32),
-        jnp.asarray(np.linalg.cholesky(mixture.covariances), jnp.float32),
+        np.asarray(cumulative / cumulative[-1], np.float32),
+        np.asarray(mixture.means, np.float32),
+        np.asarray(np.linalg.cholesky(mixture.covariances), np.float32),
     )
 
 
@@ -165,26 +172,25 @@ def _mixture_latents(seed_key, indices, cumulative_weights, means, factors, temp
 
 
 @partial(jax.jit, static_argnames=("count",))
-def _mixture_latents_jit(seed_key, mixture_arrays, temperature, count):
+def _mixture_latents_jit(seed, mixture_arrays, temperature, count):
+    seed_key = sampling_key(seed, MIXTURE_SAMPLING_STREAM)
     return _mixture_latents(seed_key, jnp.arange(count), *mixture_arrays, temperature)
 
 
 def mixture_latents(mixture: GaussianMixture, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
     """n latents float32 [n, latent] drawn from the mixture, its deviations from each mean scaled by `temperature`."""
-    key = sampling_key(seed, MIXTURE_SAMPLING_STREAM)
-    return np.asarray(_mixture_latents_jit(key, device_mixture(mixture), temperature, n))
+    return np.asarray(_mixture_latents_jit(seed_operand(seed), device_mixture(mixture), temperature, n))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "batch_size"))
-def _decode_mixture_batch(graphdef, params, seed_key, first_index, mixture_arrays, temperature, batch_size):
-    model = nnx.merge(graphdef, params)
+@partial(jax.jit, static_argnames=("batch_size",))
+def _decode_mixture_batch(model, seed, first_index, mixture_arrays, temperature, batch_size):
     indices = first_index + jnp.arange(batch_size)
-    latents = _mixture_latents(seed_key, indices, *mixture_arrays, temperature)
+    latents = _mixture_latents(sampling_key(seed, MIXTURE_SAMPLING_STREAM), indices, *mixture_arrays, temperature)
     return model.likelihood.mean(model.decode(latents))
 
 
 def mixture_sample_batches(
-    model: VAE, mixture: GaussianMixture, n: int, seed: int = 0, temperature: float = 1.0
+    model: VAE | InferenceModel, mixture: GaussianMixture, n: int, seed: int = 0, temperature: float = 1.0
 ) -> Iterator[np.ndarray]:
     """Images decoded from z drawn from the mixture, a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]).
 
@@ -193,23 +199,23 @@ def mixture_sample_batches(
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     check_temperature(temperature)
-    graphdef, params = split_model(model)
     mixture_arrays = device_mixture(mixture)
-    seed_key = sampling_key(seed, MIXTURE_SAMPLING_STREAM)
     batch_size = min(n, DECODE_BATCH_SIZE)
     for first in range(0, n, batch_size):
-        means = _decode_mixture_batch(graphdef, params, seed_key, first, mixture_arrays, temperature, batch_size)
+        means = _decode_mixture_batch(model, seed_operand(seed), first, mixture_arrays, temperature, batch_size)
         count = min(batch_size, n - first)
-        yield np.asarray(means[:count]).reshape(count, *model.image_shape)
+        yield np.asarray(means)[:count].reshape(count, *model.image_shape)  # sliced on the host, as in sample.py
 
 
-def mixture_samples(model: VAE, mixture: GaussianMixture, n: int, seed: int = 0, temperature: float = 1.0):
+def mixture_samples(
+    model: VAE | InferenceModel, mixture: GaussianMixture, n: int, seed: int = 0, temperature: float = 1.0
+):
     """n images float32 [n, *image_shape] decoded (means of p(x|z)) from z drawn from the mixture."""
     return np.concatenate(list(mixture_sample_batches(model, mixture, n, seed, temperature)))
 
 
 def save_mixture_samples(
-    out: Path, run: LoadedRun, n: int, seed: int, temperature: float, components: int
+    out: Path, run: LoadedRun | InferenceRun, n: int, seed: int, temperature: float, components: int
 ) -> MixtureFit:
     """Fit (or reuse) the run's mixture and write a grid PNG, or an .npz holding `samples` [n, *image_shape]."""
     if n < 1:
@@ -225,7 +231,7 @@ def save_mixture_samples(
 
 
 def save_samples(
-    out: Path, run: LoadedRun, sampler: str, n: int, seed: int, temperature: float, components: int
+    out: Path, run: LoadedRun | InferenceRun, sampler: str, n: int, seed: int, temperature: float, components: int
 ) -> str:
     """`vae generate`: n images from `sampler` written to `out` (a PNG grid or .npz); returns where z came from."""
     check_sampler(sampler, components)
