@@ -224,6 +224,7 @@ def test_every_new_key_takes_its_allowed_values():
             "train.beta=1",
             "train.iw_samples=5",
             "train.ema=0.999",
+            "model.dtype=bfloat16",
         ],
     )
     assert (config.model.arch, config.model.activation, config.model.likelihood) == ("conv", "gelu", "logistic")
@@ -231,6 +232,7 @@ def test_every_new_key_takes_its_allowed_values():
     assert (config.train.lr_schedule, config.train.lr_warmup_epochs) == ("cosine", 1.5)
     assert (config.train.kl_warmup_epochs, config.train.beta, config.train.iw_samples) == (2.0, 1.0, 5)
     assert config.train.ema == 0.999
+    assert config.model.dtype == "bfloat16"
     beta_vae = load_config("mnist-sample", ["train.beta=4", "train.iw_samples=1"])
     assert beta_vae.train.beta == 4.0
     for activation in ("relu", "elu", "gelu", "silu", "tanh", "softplus"):
@@ -242,6 +244,7 @@ def test_the_new_keys_default_to_the_plain_elbo():
     assert (config.model.arch, config.model.activation, config.model.likelihood) == ("mlp", "relu", "bernoulli")
     assert (config.train.beta, config.train.kl_warmup_epochs, config.train.iw_samples) == (1.0, 0.0, 1)
     assert (config.train.lr_schedule, config.train.lr_warmup_epochs, config.train.ema) == ("constant", 0.0, None)
+    assert config.model.dtype == "float32"
 
 
 @pytest.mark.parametrize(
@@ -258,6 +261,8 @@ def test_the_new_keys_default_to_the_plain_elbo():
         (["model.arch=resnet"], "model.arch: Input should be 'mlp' or 'conv' (got 'resnet')"),
         (["model.likelihood=gaussian"], "model.likelihood: Input should be 'bernoulli' or 'logistic'"),
         (["model.mixtures=0"], "model.mixtures: Input should be greater than or equal to 1 (got 0)"),
+        (["model.dtype=float16"], "model.dtype: Input should be 'float32' or 'bfloat16' (got 'float16')"),
+        (["model.dtype=true"], "model.dtype: Input should be 'float32' or 'bfloat16' (got True)"),
         (
             ["model.likelihood=logistic", "data.binarize=dynamic"],
             "model.likelihood logistic models the 256 grey levels, not binary pixels; set data.binarize: none",

@@ -36,6 +36,7 @@ from vaecli.train import (
     bernoulli_draw,
     device_split,
     epoch_batch_indices,
+    epoch_chunks,
     image_losses,
     init_train_state,
     kl_weight_at,
@@ -43,7 +44,6 @@ from vaecli.train import (
     make_evaluator,
     make_train_chunk,
     make_update,
-    padded_to_chunks,
     root_key,
     split_model,
     train,
@@ -51,14 +51,14 @@ from vaecli.train import (
 
 
 def test_same_seed_gives_the_same_weights_with_or_without_progress_reports(monkeypatch):
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3 and 2 (+1 skipped)
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3, then a tail of 2
     config, dataset = tiny_config(), tiny_dataset()
     reports, epochs = [], []
     watched = train(config, dataset, on_progress=reports.append, on_epoch_end=epochs.append).state
     unwatched = train(config, dataset).state
 
     assert_trees_equal(watched.params, unwatched.params)
-    assert int(watched.step) == 2 * (256 // 32)  # the skipped step of each last chunk did not count
+    assert int(watched.step) == 2 * (256 // 32)
     assert [(report.epoch, report.steps_done) for report in reports] == [(1, 3), (1, 6), (1, 8), (2, 3), (2, 6), (2, 8)]
     assert all(report.steps_per_epoch == 8 and np.isfinite(report.train_loss) for report in reports)
     assert [result.epoch for result in epochs] == [1, 2]
@@ -66,22 +66,10 @@ def test_same_seed_gives_the_same_weights_with_or_without_progress_reports(monke
     assert epochs[0].metrics["val_loss"] == pytest.approx(epochs[0].metrics["val_recon"] + epochs[0].metrics["val_kl"])
 
 
-def test_chunk_length_does_not_change_the_result(monkeypatch):
+@pytest.fixture(scope="module")
+def plain_loop_state():
+    """tiny_config()'s two epochs trained as the Flax examples train: one jitted update per batch."""
     config, dataset = tiny_config(), tiny_dataset()
-    one_chunk_per_epoch = train(config, dataset).state  # 8 steps < STEPS_PER_CHUNK
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)
-    three_chunks_per_epoch = train(config, dataset).state
-    assert_trees_close(one_chunk_per_epoch.params, three_chunks_per_epoch.params)
-    assert int(one_chunk_per_epoch.step) == int(three_chunks_per_epoch.step) == 16
-
-
-def test_the_chunked_loop_matches_a_plain_loop_of_single_updates(monkeypatch):
-    """Gathering on the device, skipping the tail with lax.cond and the step's noise key must change nothing:
-    the scanned chunks give what one jitted update per batch gives, step by step."""
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: 3, 3, then 2 and a skipped one
-    config, dataset = tiny_config(), tiny_dataset()
-    chunked = train(config, dataset).state
-
     graphdef, state = init_train_state(config, dataset.image_shape, dataset.train_images)
     steps_per_epoch = len(dataset.train_images) // config.train.batch_size
     update = jax.jit(make_update(graphdef, config, steps_per_epoch))
@@ -90,10 +78,50 @@ def test_the_chunked_loop_matches_a_plain_loop_of_single_updates(monkeypatch):
         for batch in epoch_batch_indices(config.seed, epoch, len(dataset.train_images), config.train.batch_size):
             state, loss = update(state, train_images[batch])
             assert np.isfinite(loss)
+    assert int(state.step) == 2 * steps_per_epoch
+    return state
 
-    assert int(chunked.step) == int(state.step) == 2 * steps_per_epoch
-    assert_trees_close(chunked.params, state.params)
-    assert_trees_close(chunked.opt_state, state.opt_state)
+
+# 8 steps an epoch: whole chunks and a tail (3, 3, 2), whole chunks only (4, 4), a tail only (8).
+@pytest.mark.parametrize("steps_per_chunk", [3, 4, 64])
+def test_the_chunked_loop_matches_a_plain_loop_of_single_updates(monkeypatch, plain_loop_state, steps_per_chunk):
+    """Gathering on the device, the tail's shorter scan and the step's noise key must change nothing:
+    the scanned chunks give what one jitted update per batch gives, step by step."""
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", steps_per_chunk)
+    chunked = train(tiny_config(), tiny_dataset()).state
+
+    assert int(chunked.step) == int(plain_loop_state.step) == 16
+    assert_trees_close(chunked.params, plain_loop_state.params)
+    assert_trees_close(chunked.opt_state, plain_loop_state.opt_state)
+
+
+def test_an_epoch_runs_as_whole_chunks_then_one_tail_of_the_steps_left():
+    assert epoch_chunks(0, 8, 3) == [(0, 3), (3, 3), (6, 2)]
+    assert epoch_chunks(0, 8, 4) == [(0, 4), (4, 4)]
+    assert epoch_chunks(0, 8, 64) == [(0, 8)]
+    # Resumed mid-epoch: counted from the first step left, whatever chunks the interrupted run used.
+    assert epoch_chunks(3, 8, 4) == [(3, 4), (7, 1)]
+    assert epoch_chunks(5, 8, 4) == [(5, 3)]
+    assert epoch_chunks(8, 8, 4) == []
+
+
+def test_an_epoch_resumed_at_a_step_off_the_chunk_grid_trains_exactly_its_remaining_steps(
+    monkeypatch, plain_loop_state
+):
+    """A checkpoint can fall between another run's chunk boundaries: the rest of its epoch still runs each
+    remaining step once (here 4 and a tail of 1 after step 3 of 8), and lands where training without a stop does."""
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)
+    config, dataset = tiny_config(), tiny_dataset()
+    stopped = train(config, dataset, should_stop=lambda: True)  # after the first chunk: step 3 of epoch 1
+    assert (stopped.stopped_in_epoch, int(stopped.state.step)) == (1, 3)
+
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 4)
+    reports = []
+    resumed = train(config, dataset, on_progress=reports.append, start=stopped.state).state
+    assert [(report.epoch, report.steps_done) for report in reports] == [(1, 7), (1, 8), (2, 4), (2, 8)]
+    assert int(resumed.step) == int(plain_loop_state.step) == 16
+    assert_trees_close(resumed.params, plain_loop_state.params)
+    assert_trees_close(resumed.opt_state, plain_loop_state.opt_state)
 
 
 def test_a_different_seed_gives_different_weights():
@@ -124,16 +152,18 @@ def weights_copied_in_the_compiled_chunk(only_weights: bool = True) -> list[str]
     config, dataset = tiny_config(train={"batch_size": 24}), tiny_dataset()
     graphdef, state = init_train_state(config, dataset.image_shape)
     steps_per_epoch = len(dataset.train_images) // config.train.batch_size
-    batches = padded_to_chunks(epoch_batch_indices(0, 1, len(dataset.train_images), config.train.batch_size), 4)
-    chunk = make_train_chunk(graphdef, config, steps_per_epoch, steps_per_chunk=4)
-    compiled = chunk.lower(state, device_split(config, dataset.train_images, 0), batches, 0).compile().as_text()
+    batches = epoch_batch_indices(0, 1, len(dataset.train_images), config.train.batch_size)
+    chunk = make_train_chunk(graphdef, config, steps_per_epoch)
+    images = device_split(config, dataset.train_images, 0)
+    compiled = chunk.lower(state, images, batches, 0, steps=4).compile().as_text()
     weight_shapes = {f"f32[{','.join(map(str, weight.shape))}]" for weight in leaves(state.params)}
     return [shape for shape in ARRAY_COPY.findall(compiled) if shape in weight_shapes or not only_weights]
 
 
 def test_the_compiled_training_chunk_copies_no_weights():
-    """Copies inside the scan cost a memory pass per step: the compiler options remove the weights' copies,
-    and decoding a single sample without its axis of one the activations' transposed copies."""
+    """Copies inside the scan cost a memory pass per step: the compiler options remove the weights' copies
+    (made even with no lax.cond in the scan), and decoding a single sample without its axis of one the
+    activations' transposed copies."""
     assert weights_copied_in_the_compiled_chunk(only_weights=False) == []
 
 
@@ -463,8 +493,10 @@ def test_a_checkpoint_with_incomplete_metadata_is_a_clear_error(tmp_path):
         load_run(tmp_path)
 
 
-def test_training_and_validation_compile_once_for_any_number_of_epochs(caplog):
-    """Three epochs whose last chunk is partial, validation with a padded last batch: one compilation each."""
+def test_training_and_validation_compile_once_for_any_number_of_epochs(caplog, monkeypatch):
+    """Three epochs of whole chunks and a tail, validation with a padded last batch: one compilation for the
+    whole chunks, one for the tail, one for validation, however many epochs."""
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 4)  # 288 images in batches of 32: 9 steps, 4 + 4 + 1
     # 500 validation images: batches of 500, so no padding; 1,100 gives a full batch and a padded one.
     dataset = dataclasses.replace(
         tiny_dataset(train_count=288), val_images=load_dataset(DataConfig()).split("train")[:1100]
@@ -473,5 +505,5 @@ def test_training_and_validation_compile_once_for_any_number_of_epochs(caplog):
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
         train(config, dataset)
     compiled = [record.getMessage() for record in caplog.records if "Finished XLA compilation" in record.getMessage()]
-    assert sum("jit(chunk)" in message for message in compiled) == 1, compiled
+    assert sum("jit(chunk)" in message for message in compiled) == 2, compiled
     assert sum("jit(totals)" in message for message in compiled) == 1, compiled

@@ -14,14 +14,13 @@ import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from vaecli.inference import NORM_EPSILON, depth_to_space, norm_groups
 
 Activation = Callable[[jax.Array], jax.Array]
 
-# Channels share normalisation statistics in groups of width / 8 (fewer groups when 8 does not
-# divide the width): per-image statistics, so nothing depends on the batch and nothing is stored
-# besides parameters.
-MAX_NORM_GROUPS = 8
 # The last convolution of each residual branch starts at a tenth of the usual scale, so every block
 # starts near the identity and a stack of them keeps the scale of its input. Unlike a zero start,
 # every weight of the branch gets a gradient from the first step.
@@ -71,13 +70,6 @@ def _checked_shape(image_shape: tuple[int, ...], widths: tuple[int, ...]) -> tup
     return height, width, channels
 
 
-def depth_to_space(maps: jax.Array) -> jax.Array:
-    """[N, H, W, 4C] -> [N, 2H, 2W, C]: channel (a, b, c) of pixel (i, j) goes to pixel (2i + a, 2j + b)."""
-    count, height, width, channels = maps.shape
-    blocks = maps.reshape(count, height, width, 2, 2, channels // 4)
-    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(count, 2 * height, 2 * width, channels // 4)
-
-
 def _scaled_lecun_normal(scale: float) -> nnx.Initializer:
     """Flax's default kernel init (LeCun normal) with its standard deviation multiplied by `scale`."""
     return nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
@@ -86,10 +78,13 @@ def _scaled_lecun_normal(scale: float) -> nnx.Initializer:
 class ResidualBlock(nnx.Module):
     """maps + conv(act(conv(act(norm(maps))))): two 3x3 convolutions at one resolution and width."""
 
-    def __init__(self, width: int, activation: Activation, rngs: nnx.Rngs):
-        self.norm = nnx.GroupNorm(width, num_groups=math.gcd(width, MAX_NORM_GROUPS), rngs=rngs)
-        self.conv_in = nnx.Conv(width, width, (3, 3), rngs=rngs)
-        self.conv_out = nnx.Conv(width, width, (3, 3), kernel_init=_scaled_lecun_normal(RESIDUAL_INIT_SCALE), rngs=rngs)
+    def __init__(self, width: int, activation: Activation, rngs: nnx.Rngs, dtype: jnp.dtype | None = None):
+        # Per-image statistics in channel groups (vaecli.inference.norm_groups): nothing depends on the
+        # batch, and nothing is stored besides parameters. Flax computes them in float32 whatever `dtype`.
+        self.norm = nnx.GroupNorm(width, num_groups=norm_groups(width), epsilon=NORM_EPSILON, dtype=dtype, rngs=rngs)
+        self.conv_in = nnx.Conv(width, width, (3, 3), dtype=dtype, rngs=rngs)
+        residual_init = _scaled_lecun_normal(RESIDUAL_INIT_SCALE)
+        self.conv_out = nnx.Conv(width, width, (3, 3), kernel_init=residual_init, dtype=dtype, rngs=rngs)
         self.activation = activation
 
     def __call__(self, maps: jax.Array) -> jax.Array:
@@ -100,20 +95,28 @@ class ResidualBlock(nnx.Module):
 class ConvEncoder(nnx.Module):
     """Flattened pixels [..., H*W*C] in [0, 1] -> features [..., feature_dim] (after the activation).
 
-    feature_dim is the smallest map's size, (side / 2**len(widths))**2 * widths[-1].
+    feature_dim is the smallest map's size, (side / 2**len(widths))**2 * widths[-1]. dtype: the layers' arithmetic
+    (None: that of their inputs and float32 weights); the weights are float32 either way.
     """
 
-    def __init__(self, image_shape: tuple[int, ...], widths: tuple[int, ...], activation: Activation, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        image_shape: tuple[int, ...],
+        widths: tuple[int, ...],
+        activation: Activation,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype | None = None,
+    ):
         self.image_shape = _checked_shape(image_shape, tuple(widths))
         self.activation = activation
         # A stride-2 3x3 convolution halves the side exactly, since every side met here is even.
         self.downsamples = nnx.List(
             [
-                nnx.Conv(width_in, width, (3, 3), strides=2, rngs=rngs)
+                nnx.Conv(width_in, width, (3, 3), strides=2, dtype=dtype, rngs=rngs)
                 for width_in, width in itertools.pairwise((self.image_shape[2], *widths))
             ]
         )
-        self.blocks = nnx.List([ResidualBlock(width, activation, rngs) for width in widths])
+        self.blocks = nnx.List([ResidualBlock(width, activation, rngs, dtype) for width in widths])
         final_side = self.image_shape[0] // 2 ** len(widths)
         self.feature_dim = final_side * final_side * widths[-1]
 
@@ -127,7 +130,10 @@ class ConvEncoder(nnx.Module):
 
 
 class ConvDecoder(nnx.Module):
-    """Latents [..., latent_dim] -> [..., H*W*C*params_per_value], the P outputs of each value adjacent."""
+    """Latents [..., latent_dim] -> [..., H*W*C*params_per_value], the P outputs of each value adjacent.
+
+    dtype: the layers' arithmetic, as in ConvEncoder; the output layer accumulates into and returns float32.
+    """
 
     def __init__(
         self,
@@ -137,17 +143,21 @@ class ConvDecoder(nnx.Module):
         params_per_value: int,
         activation: Activation,
         rngs: nnx.Rngs,
+        dtype: jnp.dtype | None = None,
     ):
         self.image_shape = _checked_shape(image_shape, tuple(widths))
         self.activation = activation
         self.first_map_shape = (self.image_shape[0] // 2 ** len(widths),) * 2 + (widths[-1],)
-        self.to_first_map = nnx.Linear(latent_dim, math.prod(self.first_map_shape), rngs=rngs)
-        self.blocks = nnx.List([ResidualBlock(width, activation, rngs) for width in reversed(widths)])
+        self.to_first_map = nnx.Linear(latent_dim, math.prod(self.first_map_shape), dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([ResidualBlock(width, activation, rngs, dtype) for width in reversed(widths)])
         # The inner doublings are 2x2 stride-2 transposed convolutions, written as a per-pixel dense
         # layer to 4x the channels and a depth-to-space step: XLA's CPU transposed convolution runs
         # an order of magnitude slower for the same result.
         self.upsamples = nnx.List(
-            [nnx.Linear(width_in, 4 * width, rngs=rngs) for width_in, width in itertools.pairwise(reversed(widths))]
+            [
+                nnx.Linear(width_in, 4 * width, dtype=dtype, rngs=rngs)
+                for width_in, width in itertools.pairwise(reversed(widths))
+            ]
         )
         # The last doubling is the output layer itself: a 3x3 convolution at half the side to the
         # values of 2x2 pixels, then depth-to-space (a sub-pixel convolution). Each output sees a
@@ -160,6 +170,8 @@ class ConvDecoder(nnx.Module):
             (3, 3),
             use_bias=False,
             kernel_init=_scaled_lecun_normal(OUTPUT_INIT_SCALE),
+            dtype=dtype,
+            preferred_element_type=jnp.float32,
             rngs=rngs,
         )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,30 +17,36 @@ from flax import nnx
 
 from vaecli.config import ModelConfig
 from vaecli.errors import ConfigError
+from vaecli.inference import ACTIVATION_FUNCTIONS, LOG_VARIANCE_BOUND, latents_from_noise
 from vaecli.likelihoods import Likelihood, make_likelihood
-
-ACTIVATION_FUNCTIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "elu": jax.nn.elu,
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "softplus": jax.nn.softplus,
-}
-# The posterior log-variance is squashed softly into [-B, B]: an unconstrained one can overflow
-# exp() (and the KL) after one bad step; sigma from e^-7.5 to e^7.5 covers any useful posterior.
-LOG_VARIANCE_BOUND = 15.0
 
 
 class MLP(nnx.Module):
     """Dense layers with the activation after each (also the last, when `activate_last`)."""
 
-    def __init__(self, widths: list[int], activation, rngs: nnx.Rngs, activate_last: bool, last_bias: bool = True):
-        pairs = list(itertools.pairwise(widths))
+    def __init__(
+        self,
+        widths: list[int],
+        activation,
+        rngs: nnx.Rngs,
+        activate_last: bool,
+        last_bias: bool = True,
+        dtype: jnp.dtype | None = None,
+        output_dtype: jnp.dtype | None = None,
+    ):
+        """dtype: the layers' arithmetic (weights stay float32); output_dtype: the last layer's result, if another."""
+        last = len(widths) - 2
         self.layers = nnx.List(
             [
-                nnx.Linear(width_in, width_out, use_bias=last_bias or index < len(pairs) - 1, rngs=rngs)
-                for index, (width_in, width_out) in enumerate(pairs)
+                nnx.Linear(
+                    width_in,
+                    width_out,
+                    use_bias=last_bias or index < last,
+                    dtype=dtype,
+                    preferred_element_type=output_dtype if index == last else None,
+                    rngs=rngs,
+                )
+                for index, (width_in, width_out) in enumerate(itertools.pairwise(widths))
             ]
         )
         self.activation = activation
@@ -67,21 +72,44 @@ class VAE(nnx.Module):
         self.likelihood: Likelihood = make_likelihood(config.likelihood, config.mixtures, channels)
         activation = ACTIVATION_FUNCTIONS[config.activation]
         outputs = self.num_values * self.likelihood.params_per_value
+        # model.dtype is the layers' arithmetic; the layers that feed the loss (the decoder's last, the
+        # posterior's) accumulate into float32 and return it, so the likelihood, the KL and the
+        # importance weights are float32 maths on float32 inputs. In bfloat16 a logistic's mean near 1
+        # would carry only 2^-8, half the width of a level's bin.
+        dtype = jnp.dtype(config.dtype)
         if config.arch == "conv":
             from vaecli.conv import ConvDecoder, ConvEncoder
 
-            self.encoder = ConvEncoder(self.image_shape, config.hidden, activation, rngs=rngs)
+            self.encoder = ConvEncoder(self.image_shape, config.hidden, activation, rngs=rngs, dtype=dtype)
             feature_dim = self.encoder.feature_dim
             self.decoder = ConvDecoder(
-                config.latent_dim, config.hidden, self.image_shape, self.likelihood.params_per_value, activation, rngs
+                config.latent_dim,
+                config.hidden,
+                self.image_shape,
+                self.likelihood.params_per_value,
+                activation,
+                rngs,
+                dtype=dtype,
             )
         else:
-            self.encoder = MLP([self.num_values, *config.hidden], activation, rngs, activate_last=True)
+            self.encoder = MLP([self.num_values, *config.hidden], activation, rngs, activate_last=True, dtype=dtype)
             feature_dim = config.hidden[-1]
             decoder_widths = [config.latent_dim, *reversed(config.hidden), outputs]
-            self.decoder = MLP(decoder_widths, activation, rngs, activate_last=False, last_bias=False)
-        self.to_mean = nnx.Linear(feature_dim, config.latent_dim, rngs=rngs)
-        self.to_log_variance = nnx.Linear(feature_dim, config.latent_dim, rngs=rngs)
+            self.decoder = MLP(
+                decoder_widths,
+                activation,
+                rngs,
+                activate_last=False,
+                last_bias=False,
+                dtype=dtype,
+                output_dtype=jnp.float32,
+            )
+        self.to_mean = nnx.Linear(
+            feature_dim, config.latent_dim, dtype=dtype, preferred_element_type=jnp.float32, rngs=rngs
+        )
+        self.to_log_variance = nnx.Linear(
+            feature_dim, config.latent_dim, dtype=dtype, preferred_element_type=jnp.float32, rngs=rngs
+        )
         # One bias per decoder output (per pixel, channel and parameter), set from the training data
         # before training starts (set_output_bias), so the first step already models the data's marginal.
         self.output_bias = nnx.Param(jnp.zeros((outputs,), jnp.float32))
@@ -96,11 +124,6 @@ class VAE(nnx.Module):
     def decode(self, latents: jax.Array) -> jax.Array:
         """[..., latent] -> the likelihood's parameters [..., values * params_per_value]."""
         return self.decoder(latents) + self.output_bias[...]
-
-
-def latents_from_noise(mean: jax.Array, log_variance: jax.Array, noise: jax.Array) -> jax.Array:
-    """z = mu + sigma * eps for given eps (any leading sample axes): q(z|x)'s samples, gradients flowing."""
-    return mean + jnp.exp(0.5 * log_variance) * noise
 
 
 def reparameterize(key: jax.Array, mean: jax.Array, log_variance: jax.Array) -> jax.Array:
@@ -126,6 +149,13 @@ def build_model(config: ModelConfig, image_shape: tuple[int, ...], seed: int) ->
     """A freshly initialised VAE for images of `image_shape`; the weights depend only on `seed`."""
     check_buildable(config, image_shape)
     return VAE(config, image_shape, rngs=nnx.Rngs(params=seed))
+
+
+def inference_weights(model: VAE) -> dict[str, np.ndarray]:
+    """The model's parameters as host arrays named by their path, e.g. "decoder/layers/0/kernel": what
+    vaecli.inference.InferenceModel computes with."""
+    flat_params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {"/".join(map(str, path)): np.asarray(variable[...]) for path, variable in flat_params}
 
 
 def set_output_bias(model: VAE, train_images_uint8: np.ndarray) -> None:

@@ -8,8 +8,9 @@ The loop never prints: it reports through callbacks that the CLI renders.
 Speed (see `make bench`): the dataset lives on the device as uint8 and each batch is gathered there
 (only the epoch's index table crosses over, once per epoch);
 steps run STEPS_PER_CHUNK at a time inside one compiled lax.scan with the state's buffers donated,
-so Python dispatches a few calls per epoch instead of one per step; progress reads the loss of the
-chunk before the one just dispatched, so the device never waits for the host.
+so Python dispatches a few calls per epoch instead of one per step (the epoch's remainder runs as
+one shorter scan of its own); progress reads the loss of the chunk before the one just dispatched,
+so the device never waits for the host.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flax import nnx
 from vaecli.config import Config
 from vaecli.data import Dataset
 from vaecli.errors import ConfigError
+from vaecli.inference import bernoulli_draw, intensities
 from vaecli.model import VAE, build_model, check_buildable, latents_from_noise, set_output_bias
 from vaecli.objectives import (
     importance_log_weights,
@@ -46,15 +48,20 @@ SPLIT_NUMBERS = {"train": 0, "val": 1, "test": 2}
 # Validation images per evaluation batch; the last partial batch is padded and masked.
 EVAL_BATCH_SIZE = 1000
 # Update steps per compiled call: enough to make dispatch overhead vanish, few enough that progress
-# arrives several times a second. An epoch's last chunk runs its missing steps as no-ops.
+# arrives several times a second. The steps an epoch has left after its whole chunks run as one
+# shorter chunk, compiled for its own length.
 STEPS_PER_CHUNK = 64
 # Philox (one of JAX's own PRNG implementations) draws bits about 4x faster than the default
 # threefry on a CPU, and dynamic binarization draws one number per pixel per step.
 PRNG_IMPL = "philox2x32"
-# XLA's default copy insertion copies seven weight arrays (the 400x784 decoder matrix among them) on
-# every step of the scan, since the skip branch of the tail's lax.cond hands the state back unchanged;
-# its region analysis proves those copies unneeded and leaves none.
-TRAIN_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# XLA's default copy insertion copies six weight arrays (the 400x784 decoder matrix among them) on every step of
+# the reference MLP, in a scan without any lax.cond and in a lone step alike: it cannot prove that the backward
+# pass has read the old weights before the update overwrites them in place. Its region analysis proves it and
+# leaves no copy. Each backend reads its own option; the GPU's is the same analysis, asked for the same reason.
+TRAIN_COMPILER_OPTIONS = {
+    "xla_cpu_copy_insertion_use_region_analysis": True,
+    "xla_gpu_copy_insertion_use_region_analysis": True,
+}
 # apply_if_finite applies a non-finite update anyway after this many in a row; we never want that.
 NEVER_GIVE_UP = 2**31 - 1
 
@@ -103,22 +110,6 @@ class EpochResult:
 def root_key(seed: int) -> jax.Array:
     """The run's root PRNG key; every other key is folded from it."""
     return jax.random.key(seed, impl=PRNG_IMPL)
-
-
-def intensities(images_uint8: jax.Array) -> jax.Array:
-    """uint8 [batch, H, W...] -> float32 [batch, pixels] in [0, 1]; done inside the compiled step."""
-    return images_uint8.reshape(images_uint8.shape[0], -1).astype(jnp.float32) / 255.0
-
-
-def bernoulli_draw(key: jax.Array, images_uint8: jax.Array) -> jax.Array:
-    """A binary image per input, pixel on with probability intensity / 255 (to within 2^-16), as bool.
-
-    16 random bits per pixel instead of a float uniform: half the random words, and compared
-    against an integer threshold, since the draw is the costliest part of dynamic binarization.
-    """
-    random_bits = jax.random.bits(key, images_uint8.shape, jnp.uint16).astype(jnp.uint32)
-    threshold = (images_uint8.astype(jnp.uint32) * 65536 + 127) // 255  # 255 -> 65536: always on
-    return random_bits < threshold
 
 
 def bernoulli_targets(images_uint8: jax.Array, key: jax.Array, binarize: str) -> jax.Array:
@@ -269,39 +260,28 @@ def init_train_state(
     return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32), ema_params)
 
 
-def make_train_chunk(
-    graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int, steps_per_chunk: int = STEPS_PER_CHUNK
-) -> Callable:
-    """The jitted update, K = steps_per_chunk at a time: gather each batch on the device, loss, gradient, Adam.
+def make_train_chunk(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int) -> Callable:
+    """The jitted update, several steps per call: gather each batch on the device, loss, gradient, Adam.
 
-    chunk(state, train_images, epoch_batches, first_step) runs steps first_step .. first_step + K - 1
-    of the epoch (epoch_batches: [steps rounded up to K, batch] indices); steps past the epoch's end
-    leave the state untouched, so an epoch of any length needs one compilation.
-    Returns the new state and the K losses (0 for the skipped steps).
+    chunk(state, train_images, epoch_batches, first_step, steps) runs steps first_step .. first_step + steps - 1
+    of the epoch (epoch_batches: [steps_per_epoch, batch] indices) and returns the new state and their losses.
+    `steps` is static: each length compiles once, the whole chunks and the epoch's shorter tail, so the program
+    is a plain scan of updates, with no step past the epoch's end to skip under a lax.cond.
     """
     update = make_update(graphdef, config, steps_per_epoch)
-    if steps_per_chunk == 1:  # one step per call: the caller never asks for a step past the epoch's end
 
-        def single_step(state: TrainState, train_images: jax.Array, epoch_batches: jax.Array, first_step: jax.Array):
-            batch_indices = jax.lax.dynamic_index_in_dim(epoch_batches, first_step, keepdims=False)
-            state, loss = update(state, train_images[batch_indices])
-            return state, loss[None]
-
-        return jax.jit(single_step, donate_argnums=0)
-
-    def skip(state: TrainState, batch_images: jax.Array) -> tuple[TrainState, jax.Array]:
-        return state, jnp.zeros((), jnp.float32)
-
-    def chunk(state: TrainState, train_images: jax.Array, epoch_batches: jax.Array, first_step: jax.Array):
-        def one_step(state, offset):
-            step_in_epoch = first_step + offset
+    def chunk(state: TrainState, train_images: jax.Array, epoch_batches: jax.Array, first_step: jax.Array, steps: int):
+        def one_step(state: TrainState, step_in_epoch: jax.Array) -> tuple[TrainState, jax.Array]:
             batch_indices = jax.lax.dynamic_index_in_dim(epoch_batches, step_in_epoch, keepdims=False)
-            return jax.lax.cond(step_in_epoch < steps_per_epoch, update, skip, state, train_images[batch_indices])
+            return update(state, train_images[batch_indices])
 
-        return jax.lax.scan(one_step, state, jnp.arange(steps_per_chunk))
+        if steps == 1:  # no loop around a lone step: see steps_per_chunk_for on convolutions inside loops
+            state, loss = one_step(state, first_step)
+            return state, loss[None]
+        return jax.lax.scan(one_step, state, first_step + jnp.arange(steps))
 
     # The old state is donated: its buffers are reused for the new one instead of copied.
-    return jax.jit(chunk, donate_argnums=0, compiler_options=TRAIN_COMPILER_OPTIONS)
+    return jax.jit(chunk, static_argnames="steps", donate_argnums=0, compiler_options=TRAIN_COMPILER_OPTIONS)
 
 
 def make_update(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int) -> Callable:
@@ -366,10 +346,13 @@ def epoch_batch_indices(seed: int, epoch: int, num_images: int, batch_size: int)
     return permutation[: steps * batch_size].reshape(steps, batch_size)
 
 
-def padded_to_chunks(epoch_batches: np.ndarray, steps_per_chunk: int) -> np.ndarray:
-    """The epoch's batch indices with rows of zeros appended up to a whole number of chunks."""
-    missing = -epoch_batches.shape[0] % steps_per_chunk
-    return np.pad(epoch_batches, ((0, missing), (0, 0)))
+def epoch_chunks(first_step: int, steps_per_epoch: int, steps_per_chunk: int) -> list[tuple[int, int]]:
+    """(first step, steps) of each call that trains steps first_step .. steps_per_epoch - 1: whole chunks, then a tail.
+
+    Counted from first_step, not from the epoch's start, so an epoch resumed at any step is covered exactly.
+    """
+    starts = range(first_step, steps_per_epoch, steps_per_chunk)
+    return [(start, min(steps_per_chunk, steps_per_epoch - start)) for start in starts]
 
 
 class Evaluation(NamedTuple):
@@ -476,15 +459,15 @@ class EpochLosses:
 
     def add_chunk(self, chunk_start: int, chunk_losses: jax.Array) -> None:
         """Take a chunk's losses (waiting for that chunk only); raise NonFiniteLoss unless skipping is on."""
-        valid = np.asarray(chunk_losses)[: self.steps_per_epoch - chunk_start]
-        bad = np.flatnonzero(~np.isfinite(valid))
+        losses = np.asarray(chunk_losses)
+        bad = np.flatnonzero(~np.isfinite(losses))
         if len(bad) and not self.config.train.skip_nonfinite:
             raise NonFiniteLoss(self.epoch, (self.epoch - 1) * self.steps_per_epoch + chunk_start + int(bad[0]) + 1)
-        self.losses.append(valid)
+        self.losses.append(losses)
         if self.on_progress:
-            steps_done = chunk_start + len(valid)
+            steps_done = chunk_start + len(losses)
             rate = (steps_done - self.first_step) * self.config.train.batch_size / self.seconds()
-            finite = valid[np.isfinite(valid)]
+            finite = losses[np.isfinite(losses)]
             mean_loss = float(finite.mean()) if len(finite) else float("nan")
             epochs = self.config.train.epochs
             self.on_progress(StepProgress(self.epoch, epochs, steps_done, self.steps_per_epoch, mean_loss, rate))
@@ -535,23 +518,23 @@ def train(
     steps_per_epoch = len(dataset.train_images) // batch_size
     steps_per_chunk = steps_per_chunk_for(config)
     learning_rate = learning_rate_schedule(config, steps_per_epoch)  # to report it; the optimizer has its own
-    train_chunk = make_train_chunk(graphdef, config, steps_per_epoch, steps_per_chunk)
+    train_chunk = make_train_chunk(graphdef, config, steps_per_epoch)
     evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
     completed_epochs, resume_at = divmod(int(state.step), steps_per_epoch)
 
     # ---- the loop ---------------------------------------------------------------------------------
     for epoch in range(completed_epochs + 1, config.train.epochs + 1):
         epoch_order = epoch_batch_indices(config.seed, epoch, len(dataset.train_images), batch_size)
-        epoch_batches = jax.device_put(padded_to_chunks(epoch_order, steps_per_chunk))
+        epoch_batches = jax.device_put(epoch_order)
         first_step = resume_at if epoch == completed_epochs + 1 else 0
         tracker = EpochLosses(config, epoch, steps_per_epoch, first_step, on_progress)
         pending: tuple[int, jax.Array] | None = None  # the chunk dispatched last, not yet read
-        for chunk_start in range(first_step, steps_per_epoch, steps_per_chunk):
-            state, losses = train_chunk(state, train_images, epoch_batches, chunk_start)
+        for chunk_start, chunk_steps in epoch_chunks(first_step, steps_per_epoch, steps_per_chunk):
+            state, losses = train_chunk(state, train_images, epoch_batches, chunk_start, chunk_steps)
             if pending is not None:
                 tracker.add_chunk(*pending)  # the chunk before: this one is already queued
             pending = (chunk_start, losses)
-            if should_stop is not None and should_stop() and chunk_start + steps_per_chunk < steps_per_epoch:
+            if should_stop is not None and should_stop() and chunk_start + chunk_steps < steps_per_epoch:
                 tracker.add_chunk(*pending)
                 check_finite_weights(config, state, epoch)
                 return TrainOutcome(graphdef, state, epoch)
