@@ -27,19 +27,26 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vaecli.config import Config, load_config, validate_config
+from vaecli.config import Config, config_to_yaml, load_config, validate_config
 from vaecli.data import Dataset
-from vaecli.model import build_model
+from vaecli.data.idx_family import validation_count
+from vaecli.model import build_model, reparameterize
+from vaecli.rundir import read_metrics
 from vaecli.train import (
     EpochResult,
     device_split,
+    epoch_batch_indices,
+    epoch_chunks,
     init_train_state,
     make_evaluator,
     make_optimizer,
+    make_train_chunk,
+    steps_per_chunk_for,
     train,
 )
 
 TRAIN_IMAGES = 60_000
+TEST_IMAGES = 10_000
 IMAGE_SHAPE = (28, 28)
 # The reference model of the VAE paper's MNIST experiments and of the PyTorch/Flax examples.
 REFERENCE_SETTINGS = {
@@ -124,7 +131,9 @@ def straightforward_epoch_seconds(config: Config, dataset: Dataset, epochs: int)
         def loss_fn(params):
             binarize_key, noise_key = jax.random.split(key)
             targets = jax.random.bernoulli(binarize_key, batch).astype(jnp.float32)
-            logits, mean, log_variance = nnx.merge(graphdef, params)(targets, noise_key)
+            model = nnx.merge(graphdef, params)
+            mean, log_variance = model.encode(targets)
+            logits = model.decode(reparameterize(noise_key, mean, log_variance))
             reconstruction = -jnp.sum(targets * logits - jax.nn.softplus(logits), axis=-1)
             kl = 0.5 * jnp.sum(jnp.exp(log_variance) + mean**2 - 1.0 - log_variance, axis=-1)
             return jnp.mean(reconstruction + kl)
@@ -163,6 +172,26 @@ def evaluation_images_per_second(config: Config, dataset: Dataset, repeats: int 
     return len(images) / best
 
 
+def conv_images_per_second(steps: int = 16) -> float:
+    """Training images/s of the configs/folder.yaml model (conv stages, logistic mixture, batch 16) on random
+    32x32x3 images, stepped as train() steps it; timed after a first call that compiles."""
+    config = load_config("folder.yaml")
+    batch_size = config.train.batch_size
+    images = np.random.default_rng(0).integers(0, 256, (steps * batch_size, 32, 32, 3), dtype=np.uint8)
+    graphdef, state = init_train_state(config, images.shape[1:], images)
+    train_chunk = make_train_chunk(graphdef, config, steps)
+    device_images = device_split(config, images, split_number=0)
+    batches = jax.device_put(epoch_batch_indices(config.seed, 1, len(images), batch_size))
+    chunks = epoch_chunks(0, steps, steps_per_chunk_for(config))
+    state, losses = train_chunk(state, device_images, batches, *chunks[0])
+    losses.block_until_ready()
+    started = time.perf_counter()
+    for first_step, chunk_steps in chunks[1:]:
+        state, losses = train_chunk(state, device_images, batches, first_step, chunk_steps)
+    losses.block_until_ready()
+    return (steps - chunks[0][1]) * batch_size / (time.perf_counter() - started)
+
+
 # ---- command start-up and memory, in fresh processes ------------------------------------------------
 
 
@@ -193,6 +222,70 @@ def run_measured(command: list[str], environment: dict[str, str]) -> tuple[float
     return seconds, peak
 
 
+# The least a process can do to turn codes into a picture with the same libraries: import JAX, Flax and
+# Pillow, decode 64 codes with the decoder of the mnist-sample run (16 -> 128 -> 256 -> 784, random
+# weights) from its warm compilation cache, write the PNG. `vae generate --n 64` is held to 0.7x of it.
+MINIMAL_DECODE_SCRIPT = """
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.Linear(16, 128, rngs=rngs), nnx.Linear(128, 256, rngs=rngs),
+                                nnx.Linear(256, 784, rngs=rngs)])
+
+    def __call__(self, codes):
+        for layer in self.layers[:-1]:
+            codes = jax.nn.relu(layer(codes))
+        return jax.nn.sigmoid(self.layers[-1](codes))
+
+
+codes = np.random.default_rng(0).standard_normal((64, 16), dtype=np.float32)
+pixels = np.asarray(jax.jit(lambda decoder, codes: decoder(codes))(Decoder(nnx.Rngs(0)), codes))
+grid = pixels.reshape(8, 8, 28, 28).transpose(0, 2, 1, 3).reshape(224, 224)
+Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(sys.argv[2])
+"""
+GENERATE_TARGET_RATIO = 0.7
+
+
+def start_up_figures(workdir: Path, run_dir: Path, environment: dict[str, str], rounds: int = 9) -> dict:
+    """A warm `vae generate --n 64` against the minimal process, each with a warm compilation cache.
+
+    Run in alternation, so that both meet the same load on a shared machine: the medians of `rounds` each,
+    their ratio, and the median of the rounds' own ratios (which drift in the machine's load moves less).
+    """
+    script = workdir / "minimal_decode.py"
+    script.write_text(MINIMAL_DECODE_SCRIPT)
+    minimal = [sys.executable, str(script), str(workdir / "minimal-cache"), str(workdir / "minimal.png")]
+    generate = [sys.executable, "-m", "vaecli", "generate", "--run", str(run_dir), "--n", "64"]
+    generate += ["--out", str(workdir / "grid.png")]
+    run_measured(minimal, environment)  # fills its compilation cache
+    run_measured(generate, environment)  # and vae's, and keeps the run's weights for inference
+    minimal_seconds, generate_seconds = [], []
+    for _ in range(rounds):
+        minimal_seconds.append(run_measured(minimal, environment)[0])
+        generate_seconds.append(run_measured(generate, environment)[0])
+    ratio = statistics.median(generate_seconds) / statistics.median(minimal_seconds)
+    rounds_ratios = [ours / theirs for ours, theirs in zip(generate_seconds, minimal_seconds, strict=True)]
+    return {
+        "minimal_decode_seconds_median": statistics.median(minimal_seconds),
+        "minimal_decode_seconds_all": minimal_seconds,
+        "generate_warm_seconds_median": statistics.median(generate_seconds),
+        "generate_warm_seconds_all": generate_seconds,
+        "generate_over_minimal_ratio": ratio,
+        "generate_over_minimal_ratio_of_rounds_median": statistics.median(rounds_ratios),
+    }
+
+
 def command_figures(workdir: Path) -> dict[str, float]:
     vae = [sys.executable, "-m", "vaecli"]
     environment = dict(os.environ, XDG_CACHE_HOME=str(workdir / "cache"), VAECLI_DATA=str(workdir / "data"))
@@ -205,6 +298,7 @@ def command_figures(workdir: Path) -> dict[str, float]:
     generate = [*vae, "generate", "--run", str(run_dir), "--n", "64", "--out", str(workdir / "grid.png")]
     figures["generate_cold_seconds"] = run_measured(generate, environment)[0]  # empty compilation cache
     figures["generate_warm_seconds"] = min(run_measured(generate, environment)[0] for _ in range(3))
+    figures.update(start_up_figures(workdir, run_dir, environment))
 
     many = [*vae, "generate", "--run", str(run_dir), "--n", "100000", "--out", str(workdir / "many.npz")]
     seconds, rss = run_measured(many, environment)
@@ -219,6 +313,88 @@ def command_figures(workdir: Path) -> dict[str, float]:
     )
     figures["train_peak_rss_bytes"] = run_measured([sys.executable, "-c", script], environment)[1]
     return figures
+
+
+# ---- vae train and vae evaluate as a user runs them, in fresh processes -------------------------------
+
+EVALUATE_K = 5000
+# Test images `vae evaluate --k 5000` is timed on (about 15 s on 2 CPU cores); its rate is extrapolated to all
+# TEST_IMAGES.
+EVALUATED_IMAGES = 100
+
+
+def write_random_mnist(folder: Path, train_count: int = TRAIN_IMAGES, test_count: int = TEST_IMAGES) -> Path:
+    """MNIST's four IDX files holding random pixels (and label 0): vae train reads files found in data.dir as they
+    are, so `data.name: mnist` trains on them offline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", train_count), ("t10k", test_count)):
+        images = rng.integers(0, 256, (count, *IMAGE_SHAPE), dtype=np.uint8)
+        images_header = np.array((2051, count, *IMAGE_SHAPE), ">i4").tobytes()
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(images_header + images.tobytes())
+        labels_header = np.array((2049, count), ">i4").tobytes()
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(labels_header + bytes(count))
+    return folder
+
+
+def epoch_line_times(command: list[str], environment: dict[str, str], metrics: Path) -> tuple[list[float], int]:
+    """Run `vae train` as run_measured does; the seconds after its start at which each epoch's line appeared in
+    `metrics` (polled every 5 ms), and its peak RSS."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak, line_times = 0, []
+    while process.poll() is None:
+        peak = max(peak, peak_rss_bytes(process.pid))
+        lines = metrics.read_bytes().count(b"\n") if metrics.exists() else 0
+        line_times += [time.perf_counter() - started] * (lines - len(line_times))
+        time.sleep(0.005)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return line_times, peak
+
+
+def user_training_figures(workdir: Path, epochs: int) -> dict[str, float]:
+    """Wall seconds per epoch of `vae train` on the reference MLP and 60,000 random MNIST-shaped images, with all
+    an epoch does (validation, checkpoint, pictures, TensorBoard events): the time from one epoch's line in
+    metrics.jsonl to the next, so start-up, data loading and compiling (all before the first line) stay out."""
+    data = {**REFERENCE_SETTINGS["data"], "name": "mnist", "dir": str(write_random_mnist(workdir / "random-mnist"))}
+    config_path = workdir / "reference.yaml"
+    config_path.write_text(config_to_yaml(validate_config({**REFERENCE_SETTINGS, "data": data}, "reference MLP")))
+    environment = dict(os.environ, XDG_CACHE_HOME=str(workdir / "user-cache"))
+    run_dir = workdir / "reference-run"
+    options = ["--config", str(config_path), "--out", str(run_dir), "--set", f"train.epochs={epochs}"]
+    command = [sys.executable, "-m", "vaecli", "train", *options]
+    line_times, peak_rss = epoch_line_times(command, environment, run_dir / "metrics.jsonl")
+    seconds = (line_times[-1] - line_times[0]) / (len(line_times) - 1)
+    logged = [row["epoch_seconds"] for row in read_metrics(run_dir)[1:]]
+    train_images = TRAIN_IMAGES - validation_count(TRAIN_IMAGES)
+    return {
+        "vae_train_epoch_seconds": seconds,
+        "vae_train_images_per_second": train_images / seconds,
+        "vae_train_logged_epoch_seconds_median": statistics.median(logged),
+        "vae_train_peak_rss_bytes": peak_rss,
+    }
+
+
+def evaluate_figures(run_dir: Path, workdir: Path) -> dict[str, float]:
+    """`vae evaluate --k 5000` on the reference model: images/s over the first EVALUATED_IMAGES test images (the
+    command's own timing, without start-up; a first run compiles into the cache), extrapolated to TEST_IMAGES."""
+    environment = dict(os.environ, XDG_CACHE_HOME=str(workdir / "user-cache"))
+
+    def evaluation_seconds(images: int) -> float:
+        options = ["--run", str(run_dir), "--k", str(EVALUATE_K), "--images", str(images), "--json"]
+        command = [sys.executable, "-m", "vaecli", "evaluate", *options]
+        finished = subprocess.run(command, env=environment, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {finished.stderr[-2000:]}")
+        return json.loads(finished.stdout)["seconds"]
+
+    evaluation_seconds(2)
+    images_per_second = EVALUATED_IMAGES / evaluation_seconds(EVALUATED_IMAGES)
+    return {
+        "evaluate_k5000_images_per_second": images_per_second,
+        "evaluate_k5000_test_set_seconds": TEST_IMAGES / images_per_second,
+    }
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -260,11 +436,48 @@ def reference_figures(reference: Config, dataset: Dataset, peak: float, rounds: 
     return figures
 
 
+def whole_epoch_speedup(figures: dict) -> float:
+    """Images/s of `vae train`'s whole epochs over those of the straightforward loop's training (median epoch)."""
+    straightforward_images_per_second = TRAIN_IMAGES / figures["straightforward_epoch_seconds_median"]
+    return figures["vae_train_images_per_second"] / straightforward_images_per_second
+
+
+def device_note(backend: str) -> str:
+    """A line under the table when no accelerator took part, so CPU figures are not read as GPU ones."""
+    return "" if backend == "gpu" else f"no GPU present: every figure is for this machine's {backend.upper()}"
+
+
+def end_to_end_rows(figures: dict) -> list[tuple[str, str]]:
+    """The table's rows for the commands as a user runs them, and for the conv model."""
+    train_rate, train_epoch = figures["vae_train_images_per_second"], figures["vae_train_epoch_seconds"]
+    logged_epoch = figures["vae_train_logged_epoch_seconds_median"]
+    speedup = figures["vae_train_speedup_over_straightforward"]
+    conv_rate, evaluate_rate = figures["conv_images_per_second"], figures["evaluate_k5000_images_per_second"]
+    return [
+        ("vae train, whole epochs (reference MLP, 55,000 images)", f"{train_rate:,.0f} images/s, {train_epoch:.2f} s"),
+        ("  of which training + validation (metrics.jsonl)", f"{logged_epoch:.2f} s"),
+        ("  per image, over the straightforward loop's training", f"{speedup:.2f}x (target 1.5x)"),
+        ("  vae train peak RSS", f"{figures['vae_train_peak_rss_bytes'] / 2**20:,.0f} MiB"),
+        (
+            "configs/folder.yaml conv model (32x32x3, batch 16): training",
+            f"{conv_rate:,.1f} images/s",
+        ),
+        (
+            f"vae evaluate --k {EVALUATE_K} (reference MLP)",
+            f"{evaluate_rate:,.1f} images/s",
+        ),
+        (
+            f"  all {TEST_IMAGES:,} test images, extrapolated from the first {EVALUATED_IMAGES}",
+            f"{figures['evaluate_k5000_test_set_seconds']:,.0f} s",
+        ),
+    ]
+
+
 def print_table(figures: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"vaecli bench: {figures['machine']}")
+    table = Table(title=f"vaecli bench: {figures['machine']}", caption=device_note(figures["backend"]) or None)
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
@@ -285,10 +498,17 @@ def print_table(figures: dict) -> None:
         ("vae --help", f"{figures['help_seconds']:.3f} s"),
         ("vae generate --n 64, cold compilation cache", f"{figures['generate_cold_seconds']:.3f} s"),
         ("vae generate --n 64, warm compilation cache", f"{figures['generate_warm_seconds']:.3f} s"),
+        ("  median, alternating with the minimal process", f"{figures['generate_warm_seconds_median']:.3f} s"),
+        ("  minimal process (JAX, Flax, Pillow; 64 decoded; PNG)",
+         f"{figures['minimal_decode_seconds_median']:.3f} s"),
+        ("  vae generate / minimal process (of the medians; round by round)",
+         f"{figures['generate_over_minimal_ratio']:.2f}x; "
+         f"{figures['generate_over_minimal_ratio_of_rounds_median']:.2f}x (target {GENERATE_TARGET_RATIO}x)"),
         ("vae generate --n 100000 --out x.npz", f"{figures['generate_100k_npz_seconds']:.1f} s, peak RSS "
          f"{figures['generate_100k_npz_peak_rss_bytes'] / 2**20:,.0f} MiB"),
         ("training peak RSS (60,000 images, reference MLP)", f"{figures['train_peak_rss_bytes'] / 2**20:,.0f} MiB"),
     ]  # fmt: skip
+    rows += end_to_end_rows(figures)
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
@@ -301,6 +521,7 @@ def main() -> None:
         "--rounds", type=int, default=3, help="alternating rounds of vaecli's and the straightforward loop"
     )
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loop and round (after one warm-up)")
+    parser.add_argument("--user-epochs", type=int, default=4, help="epochs of the timed `vae train` run (at least 2)")
     arguments = parser.parse_args()
 
     figures: dict = {
@@ -312,10 +533,16 @@ def main() -> None:
     dataset = random_dataset()
     reference = validate_config(REFERENCE_SETTINGS, "reference MLP")
     figures.update(reference_figures(reference, dataset, peak, arguments.rounds, arguments.epochs))
+    with tempfile.TemporaryDirectory(prefix="vaecli-bench-") as workdir:
+        # Right after the straightforward loop's rounds, which its whole epochs are compared with.
+        figures.update(user_training_figures(Path(workdir), arguments.user_epochs))
+        figures.update(evaluate_figures(Path(workdir) / "reference-run", Path(workdir)))
+    figures["vae_train_speedup_over_straightforward"] = whole_epoch_speedup(figures)
     mnist_yaml = load_config("mnist.yaml")
-    mnist_seconds = vaecli_epoch_seconds(mnist_yaml, dataset, arguments.rounds * arguments.epochs)
+    mnist_seconds = vaecli_epoch_seconds(mnist_yaml, dataset, arguments.epochs)
     figures.update(speed_figures("mnist_yaml", mnist_yaml, mnist_seconds, peak))
     figures["evaluation_images_per_second"] = evaluation_images_per_second(reference, dataset)
+    figures["conv_images_per_second"] = conv_images_per_second()
     with tempfile.TemporaryDirectory(prefix="vaecli-bench-") as workdir:
         figures.update(command_figures(Path(workdir)))
 

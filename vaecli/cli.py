@@ -66,16 +66,23 @@ CheckpointOption = Annotated[
 ]
 
 
-def open_run(run: Path | None, checkpoint: str = "best"):
+def open_run(run: Path | None, checkpoint: str = "best", for_inference: bool = False):
     """The run named by --run (or the newest one under ./runs), at the chosen checkpoint.
 
-    The option is checked before JAX is imported and its compilation cache turned on.
+    The option is checked before JAX is imported and its compilation cache turned on. `for_inference`
+    (generate, reconstruct, evaluate): the weights alone, read without Orbax or Flax once they are kept
+    beside the run (vaecli.inference_run).
     """
     if checkpoint not in ("best", "latest") and not (checkpoint.isascii() and checkpoint.isdigit()):
         raise UsageError(f"--checkpoint {checkpoint!r}: give best, latest or a step number")
     enable_compilation_cache()
+    from vaecli.rundir import latest_run_dir
+
+    if for_inference:
+        from vaecli.inference_run import open_inference_run
+
+        return open_inference_run(run or latest_run_dir(), checkpoint)
     from vaecli.checkpoint import load_run
-    from vaecli.run import latest_run_dir
 
     return load_run(run or latest_run_dir(), checkpoint)
 
@@ -83,7 +90,8 @@ def open_run(run: Path | None, checkpoint: str = "best"):
 class StopRequests:
     """First Ctrl-C (or SIGTERM): finish the current steps, save a checkpoint, stop. Second: leave at once.
 
-    Leaving at once corrupts nothing: every file and checkpoint is written aside and renamed into place.
+    Leaving at once corrupts nothing: every file and checkpoint is written aside and renamed into place,
+    and what was being written in the background (the last epoch's outputs) is finished first.
     """
 
     def __init__(self):
@@ -96,7 +104,7 @@ class StopRequests:
 
     def handle(self, signal_number: int, frame) -> None:
         if self.signal_number is not None:
-            self.say("[red]stopped at once[/red]; the last checkpoint is intact")
+            self.say("[red]stopping at once[/red], once the outputs being written are complete")
             exit_now(128 + signal_number)
         self.signal_number = signal_number
         self.say(
@@ -223,7 +231,7 @@ def generate(
     from vaecli.samplers import check_sampler, save_samples
 
     check_sampler(sampler, components)
-    loaded = open_run(run, checkpoint)
+    loaded = open_run(run, checkpoint, for_inference=True)
     source = save_samples(out, loaded, sampler, n, seed, temperature, components)
     console.print(f"wrote {out}: {n} samples from {source}, run {loaded.run_dir} step {loaded.step}")
 
@@ -249,7 +257,7 @@ def reconstruct(
     check_outputs(out, "--samples", samples, seed)
     from vaecli.sample import save_reconstructions
 
-    loaded = open_run(run, checkpoint)
+    loaded = open_run(run, checkpoint, for_inference=True)
     source = save_reconstructions(out, loaded, inputs or [], samples, seed, mean)
     how = "the posterior mean" if mean else f"{samples} draws of z ~ q(z|x)"
     console.print(f"wrote {out}: {source}, each decoded from {how}, run {loaded.run_dir} step {loaded.step}")
@@ -389,7 +397,7 @@ def evaluate(
     from vaecli.evaluate import evaluate_split, evaluation_record
     from vaecli.rundir import record_evaluation
 
-    loaded = open_run(run, checkpoint)
+    loaded = open_run(run, checkpoint, for_inference=True)
     with progress_bar(console if not as_json else error_console, f"evaluate {split}, k={k}") as on_progress:
         result = evaluate_split(loaded, split, k, images, seed, on_progress)
     record = evaluation_record(loaded, result)
@@ -647,16 +655,23 @@ def main() -> None:
 
 
 def exit_now(exit_code: int) -> None:
-    """Exit without the interpreter's teardown once the command has finished.
+    """Exit without the interpreter's teardown, once every output of the command is on disk.
 
     With JAX, Flax and Orbax loaded, teardown takes about 0.2 s (measured; a sixth of a warm
     `vae generate`) and does nothing a finished command needs: every output was written through a
-    closed, fsynced file and renamed, and checkpoints are saved synchronously.
+    closed, fsynced file and renamed. os._exit would kill the threads that write in the background
+    (an epoch's pictures, an asynchronous checkpoint), so they are waited for first, also when a
+    second Ctrl-C calls this in the middle of training.
     """
     import os
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    from vaecli.background import wait_for_pending_outputs
+
+    wait_for_pending_outputs()
+    for stream in (sys.stdout, sys.stderr):
+        # From a signal handler that interrupted a write to the same stream, flushing is a reentrant call.
+        with contextlib.suppress(RuntimeError):
+            stream.flush()
     if "jax" not in sys.modules:
         sys.exit(exit_code)
     os._exit(exit_code)

@@ -1,0 +1,41 @@
+"""`make bench`'s pure parts: its offline MNIST files and how its table states the figures (never a timing)."""
+
+import numpy as np
+import pytest
+
+from vaecli.bench import EVALUATED_IMAGES, device_note, end_to_end_rows, whole_epoch_speedup, write_random_mnist
+from vaecli.data.idx_family import load_idx_dataset
+
+
+def test_the_random_mnist_files_load_as_mnist_with_its_validation_split(tmp_path):
+    folder = write_random_mnist(tmp_path / "random-mnist", train_count=600, test_count=100)
+    dataset = load_idx_dataset("mnist", folder)  # files already there: nothing is downloaded
+    assert (len(dataset.train_images), len(dataset.val_images), len(dataset.test_images)) == (500, 100, 100)
+    assert dataset.image_shape == (28, 28) and dataset.train_images.dtype == np.uint8
+    assert dataset.train_images.std() > 50  # random pixels, not a constant picture
+
+
+def test_the_whole_epoch_speedup_compares_images_per_second_not_epochs():
+    """vae train's epochs hold 55,000 images, the straightforward loop's 60,000."""
+    figures = {"straightforward_epoch_seconds_median": 10.0, "vae_train_images_per_second": 9000.0}
+    assert whole_epoch_speedup(figures) == pytest.approx(1.5)
+
+
+def test_the_table_says_when_no_gpu_took_part_and_what_was_extrapolated():
+    assert "no GPU present" in device_note("cpu")
+    assert device_note("gpu") == ""
+    figures = {
+        "vae_train_images_per_second": 12_345.6,
+        "vae_train_epoch_seconds": 4.455,
+        "vae_train_logged_epoch_seconds_median": 4.1,
+        "vae_train_speedup_over_straightforward": 1.62,
+        "vae_train_peak_rss_bytes": 700 * 2**20,
+        "conv_images_per_second": 40.04,
+        "evaluate_k5000_images_per_second": 12.5,
+        "evaluate_k5000_test_set_seconds": 800.0,
+    }
+    rows = dict(end_to_end_rows(figures))
+    assert rows["vae train, whole epochs (reference MLP, 55,000 images)"] == "12,346 images/s, 4.46 s"
+    assert rows["  per image, over the straightforward loop's training"] == "1.62x (target 1.5x)"
+    assert rows[f"  all 10,000 test images, extrapolated from the first {EVALUATED_IMAGES}"] == "800 s"
+    assert rows["  vae train peak RSS"] == "700 MiB"
