@@ -7,7 +7,9 @@ import dataclasses
 import jax
 import numpy as np
 from conftest import small_config
+from typer.testing import CliRunner
 
+from vaecli.cli import app
 from vaecli.config import Config, DataConfig
 from vaecli.data import Dataset, load_dataset
 
@@ -49,3 +51,17 @@ def assert_trees_close(first, second, rtol: float = 1e-5, atol: float = 1e-6) ->
 def trees_differ(first, second) -> bool:
     """True when some leaf differs (both trees must have the same structure)."""
     return any(not np.array_equal(left, right) for left, right in zip(leaves(first), leaves(second), strict=True))
+
+
+def vae(*args):
+    """Run the `vae` CLI in-process with `args` (each turned into a string); the Click result."""
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def assert_one_line_error(result, expected_code, fragment):
+    """The command failed with `expected_code` and one stderr line holding `fragment`, no traceback."""
+    assert result.exit_code == expected_code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output

@@ -16,22 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import vae
 from PIL import Image
-from typer.testing import CliRunner
 
 from vaecli.checkpoint import CHECKPOINT_SUBDIR, FORMAT_VERSION
-from vaecli.cli import app
 from vaecli.images import load_model_input
-
-runner = CliRunner()
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A home-directory reference (~user) for a user that does not exist on any machine we run on.
 UNKNOWN_USER_HOME = "~no-such-user-vaecli"
-
-
-def vae(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def everything_under(folder: Path) -> set[Path]:

@@ -7,26 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, vae
 from idx_files import write_mnist_dir
 from PIL import Image
-from typer.testing import CliRunner
 
-from vaecli.cli import app
-
-runner = CliRunner()
 TINY_MODEL = ["--set", "model.hidden=[64]", "--set", "model.latent_dim=4"]
-
-
-def vae(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, expected_code, fragment):
-    assert result.exit_code == expected_code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0]
-    assert "Traceback" not in result.output
 
 
 def png_shape(path):

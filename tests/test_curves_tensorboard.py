@@ -9,26 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, vae
 from PIL import Image
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
-from typer.testing import CliRunner
 
 from vaecli.checkpoint import load_run, load_train_state, read_latest_meta
-from vaecli.cli import app
 from vaecli.curves import curve_panels, write_curves
 from vaecli.data import load_dataset
 from vaecli.run import RunHooks, continue_training, resume_run, train_run
 from vaecli.rundir import checkpoint_step_dirs, read_metrics
 from vaecli.tensorboard_events import scalar_tag
 
-runner = CliRunner()
 CURVES_PIXELS = (1620, 480)  # curves.FIGURE_SIZE at the shared style's 120 dpi
-
-
-def vae(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 # --- reading event files back, as TensorBoard does -------------------------------------------------

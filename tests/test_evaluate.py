@@ -14,15 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import vae
 
 import vaecli.evaluate
 from vaecli.checkpoint import CHECKPOINT_SUBDIR
-from vaecli.cli import app
 from vaecli.errors import DataError, UsageError
 from vaecli.evaluate import evaluate_split
-
-runner = CliRunner()
 
 MNIST_VALUES = 28 * 28
 IMAGES = 40
@@ -30,10 +27,6 @@ EVERY_FIGURE = {
     "split", "k", "images", "nll_nats", "neg_elbo_nats", "recon_nats", "kl_nats", "bits_per_dim", "active_units",
     "latent_dim", "kl_per_dim", "aggregate_posterior", "protocol", "seconds",
 }  # fmt: skip
-
-
-def vae(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def refuse_non_finite(constant: str):

@@ -4,28 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_config, tiny_dataset
+from helpers import assert_one_line_error, tiny_config, tiny_dataset, vae
 from PIL import Image
-from typer.testing import CliRunner
 
-from vaecli.cli import app
 from vaecli.explore import GRID_PADDING, INPUT_GAP_PADDINGS, TILE_INCHES, Traversal
 from vaecli.plots import STYLE
 
-runner = CliRunner()
 DPI = STYLE["savefig.dpi"]
-
-
-def vae(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, expected_code, fragment):
-    assert result.exit_code == expected_code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -8,18 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import vae
 from rich.console import Console
-from typer.testing import CliRunner
 
-from vaecli.cli import app, runs_table
+from vaecli.cli import runs_table
 from vaecli.run_summaries import age_of, describe_age, describe_size, summarize_runs
 from vaecli.rundir import latest_evaluation, record_evaluation
-
-runner = CliRunner()
-
-
-def vae(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def rendered(folder: Path, summaries, width: int = 250) -> str:

@@ -4,26 +4,11 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import assert_one_line_error, vae
 
 from vaecli import samplers
-from vaecli.cli import app
 from vaecli.errors import UsageError
 from vaecli.samplers import GaussianMixture, fit_gaussian_mixture, mixture_latents, read_cached_mixture
-
-runner = CliRunner()
-
-
-def vae(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, expected_code, fragment):
-    assert result.exit_code == expected_code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")
