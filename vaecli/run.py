@@ -13,6 +13,10 @@ RUN_DIR/
 An epoch's metrics line, pictures, events and checkpoint are written, in that order, on a worker thread
 while the next epoch trains (EpochOutputs); the checkpoint is saved asynchronously and becomes visible
 (renamed into place) last. Training waits for all of it before it returns or raises.
+
+A trainer holds the run's lock (RUN_DIR/.lock, rundir.RunLock) from before it changes anything there until
+all of that is on disk: a second `vae train` aimed at the run (--overwrite or --resume) is refused, naming
+the first. Commands that only read a run take no lock.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from vaecli.rundir import (
     INFERENCE_SUBDIR,
     RUNS_ROOT,
     TENSORBOARD_SUBDIR,
+    RunLock,
     read_metrics,
 )
 from vaecli.rundir import latest_run_dir as latest_run_dir  # re-exported: its home before rundir existed
@@ -68,18 +73,27 @@ def default_run_dir(config_spec: str | Path) -> Path:
     return RUNS_ROOT / Path(config_spec).stem
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """Create the run directory; an existing run is only replaced when `overwrite` is set."""
+def create_run_dir(run_dir: Path) -> Path:
+    """The run directory, created if it is not there yet; a file in its place is refused."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"--out {run_dir} is a file; give a directory for the run")
+    return ensure_directory(run_dir)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    """Empty the (locked) run directory of a previous run's outputs, only when `overwrite` is set.
+
+    Only RUN_OUTPUTS go: the lock file, held by the caller, stays.
+    """
+    run_dir = create_run_dir(run_dir)
     existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if existing and not overwrite:
         raise OutputError(f"{run_dir} already holds a run ({existing[0]}); pass --overwrite or choose another --out")
     for name in existing:
         target = run_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return ensure_directory(run_dir)
+    return run_dir
 
 
 def epoch_pictures(model: VAE, config: Config, val_images: np.ndarray) -> dict[str, np.ndarray]:
@@ -169,9 +183,11 @@ def train_run(config: Config, run_dir: Path, overwrite: bool = False, hooks: Run
     """Start a run: load the data, then train, writing metrics, pictures and a checkpoint every epoch."""
     dataset = load_run_data(config, hooks)  # before the run directory is touched
     config = with_data_dir_recorded(config)
-    run_dir = prepare_run_dir(run_dir, overwrite)
-    write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
-    return continue_training(config, dataset, Path(run_dir), None, hooks)
+    # Locked before an old run in it is replaced, and held until every output is on disk.
+    with RunLock(create_run_dir(run_dir)):
+        run_dir = prepare_run_dir(run_dir, overwrite)
+        write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
+        return continue_training(config, dataset, run_dir, None, hooks)
 
 
 # Settings a resumed run may change: none alters the trajectory of the weights.
@@ -213,13 +229,23 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def resume_run(run_dir: Path, overrides: list[str] | None = None, hooks: RunHooks = RunHooks()) -> RunResult:
     """Continue a run from its newest checkpoint, with its saved config: the weights come out as if never stopped."""
     run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_SUBDIR).is_dir():
+        read_latest_meta(run_dir)  # says what is missing, leaving no lock file in a folder that holds no run
+    # Locked before its newest checkpoint is read (a trainer still writing it would make that a moving target)
+    # and held until every output is on disk.
+    with RunLock(run_dir):
+        return resume_locked_run(run_dir, overrides or [], hooks)
+
+
+def resume_locked_run(run_dir: Path, overrides: list[str], hooks: RunHooks) -> RunResult:
+    """resume_run, once the run's lock is held."""
     meta = read_latest_meta(run_dir)
     if meta["prng_impl"] != PRNG_IMPL:
         raise CheckpointError(
             f"{run_dir} drew its random numbers with {meta['prng_impl']}, this vaecli uses {PRNG_IMPL}: "
             "a resumed run would not continue the same way; start a new run with --out"
         )
-    config = resumed_config(config_from_dict(meta["config"], f"{run_dir} checkpoint"), overrides or [], run_dir)
+    config = resumed_config(config_from_dict(meta["config"], f"{run_dir} checkpoint"), overrides, run_dir)
     completed_epochs = meta["epoch"] if meta["epoch_finished"] else meta["epoch"] - 1
     if completed_epochs >= config.train.epochs:
         raise ConfigError(

@@ -1,18 +1,24 @@
 """A run directory's names and records, read and written without JAX: for `vae runs`, `vae curves` and `vae evaluate`.
 
 What each epoch writes there is described in vaecli/run.py; this module only knows where things are and how
-the plain-text records (metrics.jsonl, evaluations/*.json) read back.
+the plain-text records (metrics.jsonl, evaluations/*.json) read back, and how a trainer claims a run
+(RunLock) so that no second one writes into it at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import hashlib
 import json
 import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
-from vaecli.errors import CheckpointError
+from vaecli.errors import CheckpointError, OutputError
 from vaecli.files import write_text_atomically
 
 RUNS_ROOT = Path("runs")
@@ -31,6 +37,11 @@ ORBAX_METRICS_FILE = Path("metrics") / "metrics"
 ORBAX_META_FILE = Path("meta") / "metadata"
 ORBAX_COMMIT_FILE = "_CHECKPOINT_METADATA"
 WEIGHT_ITEMS = ("params", "ema_params")
+# Held (flock) by the process training the run. It lives inside the run, not beside it: it moves and goes with
+# the run, needs no write access to the parent folder, and --overwrite never deletes it (it is none of the
+# outputs vae train replaces). It is never deleted on release either: a process that opened the old file and
+# one that created a new one could then both hold "the" lock.
+LOCK_FILE = ".lock"
 
 
 def latest_run_dir(runs_root: Path = RUNS_ROOT) -> Path:
@@ -155,3 +166,78 @@ def latest_evaluation(run_dir: Path, split: str = "test") -> dict[str, Any] | No
     if not isinstance(record, dict) or not isinstance(record.get("nll_nats"), int | float):
         raise CheckpointError(f"{newest} holds no nll_nats; run vae evaluate again")
     return record
+
+
+class RunLock:
+    """An exclusive claim on a run directory for one trainer, from acquire() (or `with`) until release().
+
+    An flock, so the kernel drops it when its holder exits in any way, SIGKILL included: a dead trainer
+    never holds a run. The file names the holder (pid, host, start time) for the refusal the next one gets.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._descriptor: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise OutputError naming the process that holds it. The directory must exist."""
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"run directory {self.run_dir} does not exist; train one with: vae train --out {self.run_dir}"
+            ) from None
+        except OSError as error:
+            raise OutputError(f"cannot lock {self.run_dir} for training ({self.path}: {error.strerror})") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_lock_holder(descriptor)
+            os.close(descriptor)
+            raise OutputError(
+                f"{self.run_dir} is being trained by {holder}; wait for it to finish, stop it, or choose another --out"
+            ) from None
+        except OSError as error:
+            os.close(descriptor)
+            raise OutputError(f"cannot lock {self.run_dir} for training ({self.path}: {error.strerror})") from None
+        # Written in place, not atomically: the holder's record must stay in the locked file (inode).
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        with contextlib.suppress(OSError):  # the record is a courtesy; the lock is what counts
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        self._descriptor = descriptor
+        return self
+
+    def release(self) -> None:
+        """Give the run up (empty the record, then unlock); safe to call twice."""
+        descriptor, self._descriptor = self._descriptor, None
+        if descriptor is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(descriptor, 0)  # so that no one ever reads a finished trainer as the holder
+        os.close(descriptor)  # closing the only descriptor of the open file unlocks it
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def read_lock_holder(descriptor: int) -> str:
+    """'process 1234 on host X since 21:40:05', from the record in a held lock file; a plain phrase when the
+    holder has not written it yet (or wrote something else)."""
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0).decode("utf-8"))
+        pid, host = int(holder["pid"]), str(holder["host"])
+        started = datetime.datetime.fromisoformat(holder["started"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+        return "another process"
+    now = datetime.datetime.now(started.tzinfo)
+    since = started.strftime("%H:%M:%S" if started.date() == now.date() else "%Y-%m-%d %H:%M:%S")
+    return f"process {pid} on host {host} since {since}"
