@@ -28,13 +28,25 @@ def colour_dataset(dataset):
 
 
 @pytest.mark.parametrize(
-    ("arch", "likelihood", "colour"),
-    [("conv", "bernoulli", False), ("mlp", "logistic", True)],  # conv + logistic: tests/test_folder_cli.py
+    ("arch", "likelihood", "colour", "pixel_context"),
+    # conv + logistic: tests/test_folder_cli.py; each likelihood also with a local autoregressive decoder.
+    [
+        ("conv", "bernoulli", False, 0),
+        ("mlp", "logistic", True, 0),
+        ("conv", "bernoulli", False, 3),
+        ("mlp", "logistic", True, 3),
+    ],
 )
-def test_each_architecture_with_each_likelihood_trains_samples_and_evaluates(arch, likelihood, colour):
+def test_each_architecture_with_each_likelihood_trains_samples_and_evaluates(arch, likelihood, colour, pixel_context):
     binarize = "dynamic" if likelihood == "bernoulli" else "none"
     config = tiny_config(
-        model={"arch": arch, "hidden": [8, 16] if arch == "conv" else [32], "likelihood": likelihood, "mixtures": 2},
+        model={
+            "arch": arch,
+            "hidden": [8, 16] if arch == "conv" else [32],
+            "likelihood": likelihood,
+            "mixtures": 2,
+            "pixel_context": pixel_context,
+        },
         data={"binarize": binarize},
         train={"epochs": 1},
     )
@@ -49,6 +61,10 @@ def test_each_architecture_with_each_likelihood_trains_samples_and_evaluates(arc
     views, means = reconstruct(model, dataset.test_images[:2], binarize != "none", num_samples=2, seed=0)
     assert views.shape == (2, *shape) and means.shape == (2, 2, *shape)
     assert np.all((means >= 0) & (means <= 1)) and np.isfinite(means).all()
+    if pixel_context:  # pictures are draws made pixel by pixel, not means: every value sits on a level
+        top_level = 1 if likelihood == "bernoulli" else 255
+        for pictures in (samples, means):
+            np.testing.assert_allclose(pictures * top_level, np.round(pictures * top_level), atol=1e-4)
 
     run = LoadedRun(None, config, model, 8, 1, shape, "tiny", "digit")
     evaluation = evaluate_images(run, np.asarray(dataset.test_images[:4]), "test", k=3, seed=0)

@@ -366,6 +366,9 @@ class LatentEcho(nnx.Module):
     def decode(self, latents: jax.Array) -> jax.Array:
         return self.gain[...] * latents
 
+    def decode_images(self, latents: jax.Array, row_keys: jax.Array) -> jax.Array:
+        return self.likelihood.mean(self.decode(latents))
+
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_sampling_draws_from_its_own_stream_not_the_initialisation_key(seed):

@@ -135,6 +135,18 @@ class ModelConfig(_Section):
     # GPUs, TPUs and recent CPUs (AMX, AVX512-BF16); the weights, Adam's state and the loss (likelihood,
     # KL, importance weights) stay float32 either way. On a CPU without bf16 units it is slower.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # 0: the values are independent given z. An odd N >= 3: each pixel's likelihood also sees the pixels
+    # before it in an N x N window (the rows above, and its left on its own row), a local autoregressive
+    # decoder (vaecli.pixel_context). Much shorter codes for photos, whose flat areas and smooth gradients
+    # the neighbours predict; sampling then draws the pixels one at a time.
+    pixel_context: Annotated[int, Field(ge=0, le=15)] = 0
+
+    @field_validator("pixel_context")
+    @classmethod
+    def _odd_window(cls, size: int) -> int:
+        if size != 0 and (size < 3 or size % 2 == 0):
+            raise ValueError(f"model.pixel_context is a window's side: 0 (none), or odd and at least 3; got {size}")
+        return size
 
 
 class TrainConfig(_Section):

@@ -134,7 +134,7 @@ def _importance_step(model, targets, mean, log_variance, image_keys, step_index,
     )(image_keys)
     noise = jnp.swapaxes(noise, 0, 1)  # [samples, images, latent]
     latents = latents_from_noise(mean, log_variance, noise)
-    log_likelihood = model.likelihood.log_prob(model.decode(latents), targets)
+    log_likelihood = model.likelihood.log_prob(model.decode(latents, targets), targets)
     log_weights = importance_log_weights(log_likelihood, latents, noise, log_variance)
     in_range = (sample_indices < k)[:, None]  # samples past k (the last step rounds up) take no part
     log_weights = jnp.where(in_range, log_weights, -jnp.inf)

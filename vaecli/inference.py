@@ -45,7 +45,7 @@ NORM_EPSILON = 1e-6
 def computes(config: ModelConfig) -> bool:
     """Whether InferenceModel computes what vaecli.model builds from `config`: float32 layers only, for now
     (model.dtype bfloat16 rounds inside each layer as Flax does it, which is not reproduced here)."""
-    return config.dtype == "float32"
+    return config.dtype == "float32" and config.pixel_context == 0
 
 
 # ---- what the encoder is given, and the reparameterization ---------------------------------------
@@ -224,8 +224,15 @@ class InferenceModel:
         log_variance = LOG_VARIANCE_BOUND * jnp.tanh(raw_log_variance / LOG_VARIANCE_BOUND)
         return dense(self.weights, "to_mean", features), log_variance
 
-    def decode(self, latents: jax.Array) -> jax.Array:
-        """[..., latent] -> the likelihood's parameters [..., values * params_per_value]."""
+    def decode_images(self, latents: jax.Array, row_keys: jax.Array) -> jax.Array:
+        """Latents [N, latent] -> the means of p(x|z), [N, values] (row_keys: unused; see model.VAE.decode_images)."""
+        del row_keys
+        return self.likelihood.mean(self.decode(latents))
+
+    def decode(self, latents: jax.Array, targets: jax.Array | None = None) -> jax.Array:
+        """[..., latent] -> the likelihood's parameters [..., values * params_per_value] (targets: unused, as in
+        model.VAE.decode for a model without model.pixel_context, the only kind computed here)."""
+        del targets
         if self.config.arch == "conv":
             stages = len(self.config.hidden)
             side = self.image_shape[0] // 2**stages

@@ -25,7 +25,7 @@ from vaecli.evaluate import ACTIVE_UNIT_THRESHOLD, evaluation_targets
 from vaecli.images import load_input_for_model
 from vaecli.model import VAE
 from vaecli.objectives import kl_per_dimension
-from vaecli.sample import DECODE_BATCH_SIZE, encoder_sees_binary, model_views, sampling_key
+from vaecli.sample import DECODE_BATCH_SIZE, encoder_sees_binary, model_views, pixel_keys, sampling_key
 
 if TYPE_CHECKING:
     from vaecli.inference import InferenceModel
@@ -245,11 +245,15 @@ def traversal_latents(centre: np.ndarray, dims: list[int], offsets: np.ndarray) 
 
 @jax.jit
 def _decode_means(model, latents):
-    return model.likelihood.mean(model.decode(latents))
+    # An autoregressive model draws every picture with the same pixel keys: neighbouring frames of an
+    # interpolation or a traversal then differ by what z changes, not by fresh pixel noise.
+    row_keys = pixel_keys(sampling_key(0), jnp.zeros(latents.shape[0], jnp.int32))
+    return model.decode_images(latents, row_keys)
 
 
 def decode_means(model: VAE | InferenceModel, latents: np.ndarray) -> np.ndarray:
-    """The mean of p(x|z) for each latent [N, latent], as generate decodes: float32 [N, *image_shape]."""
+    """The mean of p(x|z) for each latent [N, latent] (a draw, for an autoregressive model), as generate decodes:
+    float32 [N, *image_shape]."""
     latents = np.asarray(latents, np.float32)
     batches = [
         np.asarray(_decode_means(model, latents[first : first + DECODE_BATCH_SIZE]))

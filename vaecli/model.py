@@ -113,6 +113,13 @@ class VAE(nnx.Module):
         # One bias per decoder output (per pixel, channel and parameter), set from the training data
         # before training starts (set_output_bias), so the first step already models the data's marginal.
         self.output_bias = nnx.Param(jnp.zeros((outputs,), jnp.float32))
+        context = None
+        if config.pixel_context:
+            from vaecli.pixel_context import PixelContext
+
+            maps_shape = (*self.image_shape[:2], channels)
+            context = PixelContext(maps_shape, self.likelihood.params_per_value, config.pixel_context, activation, rngs)
+        self.context = nnx.data(context)  # a submodule, or None: data either way, so the pytree's shape says which
 
     def encode(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[batch, values] in [0, 1] -> (posterior_mean, posterior_log_variance), each [batch, latent]."""
@@ -121,9 +128,31 @@ class VAE(nnx.Module):
         log_variance = LOG_VARIANCE_BOUND * jnp.tanh(raw_log_variance / LOG_VARIANCE_BOUND)
         return self.to_mean(features), log_variance
 
-    def decode(self, latents: jax.Array) -> jax.Array:
-        """[..., latent] -> the likelihood's parameters [..., values * params_per_value]."""
-        return self.decoder(latents) + self.output_bias[...]
+    @property
+    def autoregressive(self) -> bool:
+        """Whether p(x|z) also depends on the image's own pixels (model.pixel_context): decode needs targets."""
+        return self.context is not None
+
+    def decode(self, latents: jax.Array, targets: jax.Array | None = None) -> jax.Array:
+        """[..., batch, latent] -> the likelihood's parameters [..., batch, values * params_per_value].
+
+        An autoregressive model needs the images being scored, `targets` [batch, values]: the parameters
+        of each pixel depend on the pixels before it. Others ignore `targets`.
+        """
+        params = self.decoder(latents) + self.output_bias[...]
+        if self.context is None:
+            return params
+        if targets is None:
+            raise ValueError("this model's p(x|z) depends on the image (model.pixel_context): decode(latents, targets)")
+        return self.context(params, targets)
+
+    def decode_images(self, latents: jax.Array, row_keys: jax.Array) -> jax.Array:
+        """Latents [N, latent] -> images [N, values] in [0, 1]: the mean of p(x|z), or, for an autoregressive
+        model (whose mean has no closed form), one draw per row, pixel by pixel, with row_keys [N]."""
+        params = self.decoder(latents) + self.output_bias[...]
+        if self.context is None:
+            return self.likelihood.mean(params)
+        return self.context.sample(self.likelihood, params, row_keys)
 
 
 def reparameterize(key: jax.Array, mean: jax.Array, log_variance: jax.Array) -> jax.Array:
@@ -160,5 +189,13 @@ def inference_weights(model: VAE) -> dict[str, np.ndarray]:
 
 def set_output_bias(model: VAE, train_images_uint8: np.ndarray) -> None:
     """Start the decoder at the data's marginal: its output bias from the training images' statistics."""
-    bias = model.likelihood.initial_output_bias(np.asarray(train_images_uint8))
+    images = np.asarray(train_images_uint8)
+    if model.context is not None and model.likelihood.params_per_value > 1:
+        # The context's linear path starts as "each value is its left neighbour", so the bias codes what is
+        # left: the residuals from that neighbour, far narrower than the values on smooth pictures.
+        from vaecli.pixel_context import residuals_from_left
+
+        model.context.start_from_left_neighbour(model.likelihood)
+        images = residuals_from_left(images)
+    bias = model.likelihood.initial_output_bias(images)
     model.output_bias[...] = jnp.asarray(bias, jnp.float32).reshape(model.output_bias.shape)

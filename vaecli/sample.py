@@ -47,11 +47,19 @@ DECODE_BATCH_SIZE = 1024
 SAMPLING_STREAM = 5
 # ... and of the Bernoulli draw that turns a grey input into what a binarized model was trained on.
 INPUT_DRAW_STREAM = 6
+# ... and of the pixel-by-pixel draws of an autoregressive decoder (model.pixel_context).
+PIXEL_DRAW_STREAM = 10
 
 
 def sampling_key(seed: int | jax.Array, stream: int = SAMPLING_STREAM) -> jax.Array:
     """The root of --seed's draws, apart from every other use of the same number."""
     return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def pixel_keys(seed_key: jax.Array, indices: jax.Array) -> jax.Array:
+    """The key of each output image's pixel draws (autoregressive models), from its index: [N] -> keys [N]."""
+    pixel_key = jax.random.fold_in(seed_key, PIXEL_DRAW_STREAM)
+    return jax.vmap(lambda index: jax.random.fold_in(pixel_key, index))(indices)
 
 
 def seed_operand(seed: int) -> np.uint32:
@@ -76,8 +84,9 @@ def _per_index_normal(seed_key: jax.Array, indices: jax.Array, shape: tuple[int,
 @partial(jax.jit, static_argnames=("batch_size",))
 def _decode_prior_batch(model, seed, first_index, temperature, batch_size):
     indices = first_index + jnp.arange(batch_size)
-    latents = temperature * _per_index_normal(sampling_key(seed), indices, (model.latent_dim,))
-    return model.likelihood.mean(model.decode(latents))
+    seed_key = sampling_key(seed)
+    latents = temperature * _per_index_normal(seed_key, indices, (model.latent_dim,))
+    return model.decode_images(latents, pixel_keys(seed_key, indices))
 
 
 def check_temperature(temperature: float) -> None:
@@ -138,7 +147,10 @@ def _reconstruct_batch(model, images_uint8, binarized, seed, first_index, num_sa
         input_keys = jax.vmap(lambda index: jax.random.fold_in(seed_key, index))(indices)
         noise = jax.vmap(lambda key: _per_index_normal(key, jnp.arange(num_samples), (model.latent_dim,)))(input_keys)
         latents = latents_from_noise(posterior_mean[:, None, :], posterior_log_variance[:, None, :], noise)
-    return views, model.likelihood.mean(model.decode(latents.reshape(-1, model.latent_dim)))
+    # Draw k of input i (autoregressive models) is keyed by its flat index, the same whatever the batching.
+    output_indices = (first_index + jnp.arange(views.shape[0]))[:, None] * num_samples + jnp.arange(num_samples)
+    row_keys = pixel_keys(seed_key, output_indices.reshape(-1))
+    return views, model.decode_images(latents.reshape(-1, model.latent_dim), row_keys)
 
 
 def reconstruct(

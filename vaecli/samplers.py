@@ -26,7 +26,14 @@ import numpy as np
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
 from vaecli.images import make_grid, save_npz, save_npz_streamed, save_png
-from vaecli.sample import DECODE_BATCH_SIZE, check_temperature, sampling_key, save_prior_samples, seed_operand
+from vaecli.sample import (
+    DECODE_BATCH_SIZE,
+    check_temperature,
+    pixel_keys,
+    sampling_key,
+    save_prior_samples,
+    seed_operand,
+)
 
 if TYPE_CHECKING:
     from vaecli.checkpoint import LoadedRun
@@ -185,8 +192,9 @@ def mixture_latents(mixture: GaussianMixture, n: int, seed: int = 0, temperature
 @partial(jax.jit, static_argnames=("batch_size",))
 def _decode_mixture_batch(model, seed, first_index, mixture_arrays, temperature, batch_size):
     indices = first_index + jnp.arange(batch_size)
-    latents = _mixture_latents(sampling_key(seed, MIXTURE_SAMPLING_STREAM), indices, *mixture_arrays, temperature)
-    return model.likelihood.mean(model.decode(latents))
+    seed_key = sampling_key(seed, MIXTURE_SAMPLING_STREAM)
+    latents = _mixture_latents(seed_key, indices, *mixture_arrays, temperature)
+    return model.decode_images(latents, pixel_keys(seed_key, indices))
 
 
 def mixture_sample_batches(

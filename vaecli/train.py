@@ -163,9 +163,9 @@ def image_losses(
     noise = jax.random.normal(noise_key, (samples, *posterior_mean.shape), posterior_mean.dtype)
     latents = latents_from_noise(posterior_mean, posterior_log_variance, noise)
     if samples == 1:  # decoded without the axis of one sample, which costs XLA two transposed copies per step
-        reconstruction = -model.likelihood.log_prob(model.decode(latents[0]), targets)
+        reconstruction = -model.likelihood.log_prob(model.decode(latents[0], targets), targets)
         return ImageLosses(reconstruction + kl_weight * kl, reconstruction, kl)
-    log_likelihood = model.likelihood.log_prob(model.decode(latents), targets)  # [samples, batch]
+    log_likelihood = model.likelihood.log_prob(model.decode(latents, targets), targets)  # [samples, batch]
     reconstruction = -jnp.mean(log_likelihood, axis=0)
     log_weights = importance_log_weights(log_likelihood, latents, noise, posterior_log_variance, kl_weight)
     return ImageLosses(-importance_weighted_bound(log_weights, axis=0), reconstruction, kl)
