@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from vaecli.bench import EVALUATED_IMAGES, device_note, end_to_end_rows, whole_epoch_speedup, write_random_mnist
+from vaecli.bench import (
+    EVALUATED_IMAGES,
+    data_parallel_rows,
+    device_note,
+    end_to_end_rows,
+    whole_epoch_speedup,
+    write_random_mnist,
+)
 from vaecli.data.idx_family import load_idx_dataset
 
 
@@ -39,3 +46,10 @@ def test_the_table_says_when_no_gpu_took_part_and_what_was_extrapolated():
     assert rows["  per image, over the straightforward loop's training"] == "1.62x (target 1.5x)"
     assert rows[f"  all 10,000 test images, extrapolated from the first {EVALUATED_IMAGES}"] == "800 s"
     assert rows["  vae train peak RSS"] == "700 MiB"
+
+
+def test_the_table_names_the_forced_device_counts_of_the_data_parallel_figures():
+    figures = {"data_parallel_on_1_images_per_second": 9_000.4, "data_parallel_on_4_images_per_second": 5_000.0}
+    rows = dict(data_parallel_rows(figures))
+    assert rows["reference MLP training, batch split over 1 host CPU device"] == "9,000 images/s"
+    assert rows["reference MLP training, batch split over 4 host CPU devices"] == "5,000 images/s"

@@ -30,6 +30,7 @@ from flax import nnx
 from vaecli.config import Config, config_to_yaml, load_config, validate_config
 from vaecli.data import Dataset
 from vaecli.data.idx_family import validation_count
+from vaecli.devices import placement_over
 from vaecli.model import build_model, reparameterize
 from vaecli.rundir import read_metrics
 from vaecli.train import (
@@ -190,6 +191,50 @@ def conv_images_per_second(steps: int = 16) -> float:
         state, losses = train_chunk(state, device_images, batches, first_step, chunk_steps)
     losses.block_until_ready()
     return (steps - chunks[0][1]) * batch_size / (time.perf_counter() - started)
+
+
+# ---- data parallelism over forced host devices, in fresh processes ----------------------------------
+
+# XLA splits the CPU into this many devices for the second measurement (the first has one). They share the
+# machine's cores, so no speed-up is expected from them: the figure shows the sharded step runs, and its cost.
+FORCED_DEVICES = 4
+DATA_PARALLEL_STEPS = 128  # two chunks: one that compiles, one timed
+
+
+def data_parallel_images_per_second(devices: int, steps: int = DATA_PARALLEL_STEPS) -> float:
+    """Training images/s of the reference MLP with each batch split over `devices` of this process's devices,
+    stepped as train() steps it (replicated weights and images); timed after a first chunk that compiles."""
+    config = validate_config(REFERENCE_SETTINGS, "reference MLP")
+    placement = placement_over(devices)
+    batch_size = config.train.batch_size
+    images = np.random.default_rng(0).integers(0, 256, (steps * batch_size, *IMAGE_SHAPE), dtype=np.uint8)
+    graphdef, state = init_train_state(config, IMAGE_SHAPE)
+    state = placement.replicate(state)
+    train_chunk = make_train_chunk(graphdef, config, steps, placement)
+    device_images = placement.replicate(device_split(config, images, split_number=0))
+    batches = placement.replicate(epoch_batch_indices(config.seed, 1, len(images), batch_size))
+    chunks = epoch_chunks(0, steps, steps_per_chunk_for(config))
+    state, losses = train_chunk(state, device_images, batches, *chunks[0])
+    losses.block_until_ready()
+    started = time.perf_counter()
+    for first_step, chunk_steps in chunks[1:]:
+        state, losses = train_chunk(state, device_images, batches, first_step, chunk_steps)
+    losses.block_until_ready()
+    return (steps - chunks[0][1]) * batch_size / (time.perf_counter() - started)
+
+
+def forced_device_figures(device_counts: tuple[int, ...] = (1, FORCED_DEVICES)) -> dict[str, float]:
+    """data_parallel_images_per_second on 1 and on FORCED_DEVICES host CPU devices, each in a process of its own:
+    XLA fixes the number of devices when JAX starts."""
+    figures = {}
+    for count in device_counts:
+        environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
+        script = f"from vaecli.bench import data_parallel_images_per_second as rate; print(rate({count}))"
+        finished = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise RuntimeError(f"data-parallel training on {count} devices failed: {finished.stderr[-2000:]}")
+        figures[f"data_parallel_on_{count}_images_per_second"] = float(finished.stdout.split()[-1])
+    return figures
 
 
 # ---- command start-up and memory, in fresh processes ------------------------------------------------
@@ -473,6 +518,17 @@ def end_to_end_rows(figures: dict) -> list[tuple[str, str]]:
     ]
 
 
+def data_parallel_rows(figures: dict) -> list[tuple[str, str]]:
+    """The table's rows for training with each batch split over forced host CPU devices."""
+    return [
+        (
+            f"reference MLP training, batch split over {count} host CPU device{'s' if count > 1 else ''}",
+            f"{figures[f'data_parallel_on_{count}_images_per_second']:,.0f} images/s",
+        )
+        for count in (1, FORCED_DEVICES)
+    ]
+
+
 def print_table(figures: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -509,6 +565,7 @@ def print_table(figures: dict) -> None:
         ("training peak RSS (60,000 images, reference MLP)", f"{figures['train_peak_rss_bytes'] / 2**20:,.0f} MiB"),
     ]  # fmt: skip
     rows += end_to_end_rows(figures)
+    rows += data_parallel_rows(figures)
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
@@ -543,6 +600,7 @@ def main() -> None:
     figures.update(speed_figures("mnist_yaml", mnist_yaml, mnist_seconds, peak))
     figures["evaluation_images_per_second"] = evaluation_images_per_second(reference, dataset)
     figures["conv_images_per_second"] = conv_images_per_second()
+    figures.update(forced_device_figures())
     with tempfile.TemporaryDirectory(prefix="vaecli-bench-") as workdir:
         figures.update(command_figures(Path(workdir)))
 

@@ -154,6 +154,7 @@ def train(
 
     resolved = load_config(config, overrides or []) if config is not None else None
     enable_compilation_cache()
+    from vaecli.devices import describe_devices, device_count_for
     from vaecli.run import RunHooks, default_run_dir, resume_run, train_run
 
     stops = StopRequests()
@@ -174,7 +175,7 @@ def train(
             run_dir = out or default_run_dir(config)
             console.print(
                 f"training on [bold]{resolved.data.name}[/bold] for {resolved.train.epochs} epochs: "
-                f"{describe_model(resolved)}; into {run_dir}"
+                f"{describe_model(resolved)}; on {describe_devices(device_count_for(resolved))}; into {run_dir}"
             )
             result = train_run(resolved, run_dir, overwrite, hooks)
     if result.stopped_at_step is not None:

@@ -155,6 +155,10 @@ class TrainConfig(_Section):
     epochs: Annotated[int, Field(gt=0, le=100_000)] = 20
     # 128 is the batch size of the reference VAE experiments; larger batches run faster per image.
     batch_size: Annotated[int, Field(gt=0, le=65536)] = 128
+    # Devices that train data-parallel, each on an equal share of every batch (batch_size is the global
+    # batch, so it must divide by their number); null: all of this process's devices. The losses and
+    # weights agree with one device's to float rounding (the batch's sums are added in another order).
+    devices: Annotated[int, Field(gt=0, le=65536)] | None = None
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 1e-3
     # constant: learning_rate throughout; cosine: down to 1% of it by the last step (the usual
     # final gain of a decayed rate). Either way after lr_warmup_epochs of linear warm-up from 0.

@@ -190,8 +190,10 @@ def train_run(config: Config, run_dir: Path, overwrite: bool = False, hooks: Run
         return continue_training(config, dataset, run_dir, None, hooks)
 
 
-# Settings a resumed run may change: none alters the trajectory of the weights.
-RESUMABLE_CHANGES = ("train.epochs", "train.keep_checkpoints", "train.tensorboard")
+# Settings a resumed run may change: none alters the trajectory of the weights (train.devices only in float
+# rounding, as the batch's sums are added in another order: a resumed run is bit for bit the uninterrupted one
+# on the same number of devices), and train.devices lets a run go on where fewer devices are.
+RESUMABLE_CHANGES = ("train.epochs", "train.keep_checkpoints", "train.tensorboard", "train.devices")
 
 
 def resumed_config(saved: Config, overrides: list[str], run_dir: Path) -> Config:

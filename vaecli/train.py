@@ -11,10 +11,14 @@ steps run STEPS_PER_CHUNK at a time inside one compiled lax.scan with the state'
 so Python dispatches a few calls per epoch instead of one per step (the epoch's remainder runs as
 one shorter scan of its own); progress reads the loss of the chunk before the one just dispatched,
 so the device never waits for the host.
+
+Devices (vaecli.devices): each batch is split over train.devices devices, the weights replicated; a
+step's noise and binarization stay functions of (seed, step, image) whatever the layout.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from flax import nnx
 
 from vaecli.config import Config
 from vaecli.data import Dataset
+from vaecli.devices import Placement, check_batch_splits, device_count_for, placement_over
 from vaecli.errors import ConfigError
 from vaecli.inference import bernoulli_draw, intensities
 from vaecli.model import VAE, build_model, check_buildable, latents_from_noise, set_output_bias
@@ -260,20 +265,27 @@ def init_train_state(
     return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32), ema_params)
 
 
-def make_train_chunk(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int) -> Callable:
+def make_train_chunk(
+    graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int, placement: Placement | None = None
+) -> Callable:
     """The jitted update, several steps per call: gather each batch on the device, loss, gradient, Adam.
 
     chunk(state, train_images, epoch_batches, first_step, steps) runs steps first_step .. first_step + steps - 1
     of the epoch (epoch_batches: [steps_per_epoch, batch] indices) and returns the new state and their losses.
     `steps` is static: each length compiles once, the whole chunks and the epoch's shorter tail, so the program
     is a plain scan of updates, with no step past the epoch's end to skip under a lax.cond.
+    With `placement` (default: the first device), each gathered batch is split over its devices; the state,
+    the images and the index table come in replicated on them (Placement.replicate) and the state and the
+    losses go out replicated.
     """
+    placement = placement or placement_over(1)
     update = make_update(graphdef, config, steps_per_epoch)
 
     def chunk(state: TrainState, train_images: jax.Array, epoch_batches: jax.Array, first_step: jax.Array, steps: int):
         def one_step(state: TrainState, step_in_epoch: jax.Array) -> tuple[TrainState, jax.Array]:
             batch_indices = jax.lax.dynamic_index_in_dim(epoch_batches, step_in_epoch, keepdims=False)
-            return update(state, train_images[batch_indices])
+            # Each device gathers its share of the batch from its own copy of the images.
+            return update(state, placement.shard_batch(train_images[batch_indices]))
 
         if steps == 1:  # no loop around a lone step: see steps_per_chunk_for on convolutions inside loops
             state, loss = one_step(state, first_step)
@@ -281,7 +293,13 @@ def make_train_chunk(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: in
         return jax.lax.scan(one_step, state, first_step + jnp.arange(steps))
 
     # The old state is donated: its buffers are reused for the new one instead of copied.
-    return jax.jit(chunk, static_argnames="steps", donate_argnums=0, compiler_options=TRAIN_COMPILER_OPTIONS)
+    return jax.jit(
+        chunk,
+        static_argnames="steps",
+        donate_argnums=0,
+        out_shardings=placement.replicated,
+        compiler_options=TRAIN_COMPILER_OPTIONS,
+    )
 
 
 def make_update(graphdef: nnx.GraphDef, config: Config, steps_per_epoch: int) -> Callable:
@@ -367,13 +385,18 @@ class Evaluation(NamedTuple):
         return self.reconstruction + self.kl
 
 
-def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> Callable:
+def make_evaluator(
+    graphdef: nnx.GraphDef, config: Config, num_images: int, placement: Placement | None = None
+) -> Callable:
     """evaluate(params, images) -> Evaluation (mean loss, reconstruction and KL in nats per image).
 
     One compiled call scans fixed-size batches (the last one padded and masked), so evaluation
     compiles once per run; a fixed key makes the estimate the same function of the weights every
-    epoch, so epochs are comparable.
+    epoch, so epochs are comparable. With `placement`, each batch is split over its devices as in
+    training (params and images replicated); a batch size they do not divide runs whole on each, since
+    resizing the batches would change the draws and so the figures.
     """
+    placement = placement or placement_over(1)
     batch_size = min(EVAL_BATCH_SIZE, num_images)
     num_batches = -(-num_images // batch_size)
     padded_indices = np.arange(num_batches * batch_size).reshape(num_batches, batch_size)
@@ -383,14 +406,19 @@ def make_evaluator(graphdef: nnx.GraphDef, config: Config, num_images: int) -> C
     binarize = step_binarization(config)
     samples = config.train.iw_samples
 
-    @jax.jit
+    split_batches = placement.splits(batch_size)
+
+    @functools.partial(jax.jit, out_shardings=placement.replicated)
     def totals(params, images_uint8):
         model = nnx.merge(graphdef, params)
 
         def batch_sums(running, batch):
             indices, mask, batch_number = batch
             key = jax.random.fold_in(eval_key, batch_number)
-            terms = batch_image_losses(model, images_uint8[indices], key, binarize, 1.0, samples)
+            batch_images = images_uint8[indices]
+            if split_batches:
+                batch_images = placement.shard_batch(batch_images)
+            terms = batch_image_losses(model, batch_images, key, binarize, 1.0, samples)
             sums = [jnp.sum(term * mask) for term in (terms.loss, terms.reconstruction, terms.kl)]
             return running + jnp.stack(sums), None
 
@@ -436,8 +464,9 @@ class TrainOutcome(NamedTuple):
 
 
 def check_trainable(config: Config, dataset: Dataset) -> None:
-    """Refuse settings that cannot run on this dataset, before any compilation."""
+    """Refuse settings that cannot run on this dataset or on these devices, before any compilation."""
     check_buildable(config.model, dataset.image_shape)
+    check_batch_splits(config, device_count_for(config))
     num_train = len(dataset.train_images)
     if config.train.batch_size > num_train:
         raise ConfigError(
@@ -499,33 +528,37 @@ def train(
     """Train until config.train.epochs epochs are done, from `start` (a checkpoint's state) or from scratch.
 
     Resuming from a state saved at step s continues exactly where s left off: the same batches and
-    noise follow, so the weights come out bit for bit as if training had never stopped. When
+    noise follow, so the weights come out bit for bit as if training had never stopped (on as many
+    devices as before; on another number, to float rounding). When
     `should_stop()` turns true, training stops after the current chunk of steps and returns.
     Raises NonFiniteLoss when a step's loss or gradient is not finite and train.skip_nonfinite is off.
     """
     check_trainable(config, dataset)
 
-    # ---- set-up: data on the device once, as uint8 ------------------------------------------------
-    train_images = device_split(config, dataset.train_images, SPLIT_NUMBERS["train"])
-    val_images = device_split(config, dataset.val_images, SPLIT_NUMBERS["val"])
+    # ---- set-up: data on the devices once, as uint8; the weights replicated on each ---------------
+    placement = placement_over(device_count_for(config))
+    # Replicated, images and index tables alike (see vaecli.devices): every device gathers its share of a batch.
+    train_images = placement.replicate(device_split(config, dataset.train_images, SPLIT_NUMBERS["train"]))
+    val_images = placement.replicate(device_split(config, dataset.val_images, SPLIT_NUMBERS["val"]))
     if start is None:
         graphdef, state = init_train_state(config, dataset.image_shape, dataset.train_images)
     else:  # resuming: only the model's structure is needed, not a fresh random initialisation
         abstract_model = nnx.eval_shape(lambda: build_model(config.model, dataset.image_shape, config.seed))
         graphdef = split_model(abstract_model)[0]
         state = start
+    state = placement.replicate(state)
     batch_size = config.train.batch_size
     steps_per_epoch = len(dataset.train_images) // batch_size
     steps_per_chunk = steps_per_chunk_for(config)
     learning_rate = learning_rate_schedule(config, steps_per_epoch)  # to report it; the optimizer has its own
-    train_chunk = make_train_chunk(graphdef, config, steps_per_epoch)
-    evaluate = make_evaluator(graphdef, config, len(dataset.val_images))
+    train_chunk = make_train_chunk(graphdef, config, steps_per_epoch, placement)
+    evaluate = make_evaluator(graphdef, config, len(dataset.val_images), placement)
     completed_epochs, resume_at = divmod(int(state.step), steps_per_epoch)
 
     # ---- the loop ---------------------------------------------------------------------------------
     for epoch in range(completed_epochs + 1, config.train.epochs + 1):
         epoch_order = epoch_batch_indices(config.seed, epoch, len(dataset.train_images), batch_size)
-        epoch_batches = jax.device_put(epoch_order)
+        epoch_batches = placement.replicate(epoch_order)
         first_step = resume_at if epoch == completed_epochs + 1 else 0
         tracker = EpochLosses(config, epoch, steps_per_epoch, first_step, on_progress)
         pending: tuple[int, jax.Array] | None = None  # the chunk dispatched last, not yet read
@@ -537,7 +570,7 @@ def train(
             if should_stop is not None and should_stop() and chunk_start + chunk_steps < steps_per_epoch:
                 tracker.add_chunk(*pending)
                 check_finite_weights(config, state, epoch)
-                return TrainOutcome(graphdef, state, epoch)
+                return TrainOutcome(graphdef, placement.copy_to_one_device(state), epoch)
         tracker.add_chunk(*pending)
         check_finite_weights(config, state, epoch)
         training = tracker.summary()
@@ -558,10 +591,12 @@ def train(
             "val_kl": validation.kl,
             "val_seconds": val_seconds,
             "epoch_seconds": training["train_seconds"] + val_seconds,
+            "devices": placement.count,
+            "processes": jax.process_count(),
         }
         if on_epoch_end:
             # A copy: the next chunk donates (deletes) the state's buffers, and a callback may keep it.
-            on_epoch_end(EpochResult(epoch, graphdef, jax.tree.map(jnp.copy, state), metrics))
+            on_epoch_end(EpochResult(epoch, graphdef, placement.copy_to_one_device(state), metrics))
         if should_stop is not None and should_stop() and epoch < config.train.epochs:
-            return TrainOutcome(graphdef, state, epoch + 1)
-    return TrainOutcome(graphdef, state, None)
+            return TrainOutcome(graphdef, placement.copy_to_one_device(state), epoch + 1)
+    return TrainOutcome(graphdef, placement.copy_to_one_device(state), None)
