@@ -14,7 +14,7 @@ import pytest
 from helpers import assert_one_line_error, tiny_config, vae
 
 from vaecli.errors import OutputError
-from vaecli.run import RunHooks, resume_run, train_run
+from vaecli.run import RunHooks, prepare_run_dir, resume_run, train_run
 from vaecli.rundir import RunLock
 
 ONE_EPOCH = tiny_config(train={"epochs": 1})
@@ -119,3 +119,14 @@ def test_the_lock_is_held_while_training_and_released_when_the_run_returns(tmp_p
     with RunLock(run_dir):  # free once train_run has returned
         pass
     assert (run_dir / ".lock").read_text() == ""  # a finished trainer is not named as the holder
+
+
+def test_overwrite_clears_a_fitted_sampler_of_the_old_run(tmp_path):
+    """A gmm cached by step would otherwise be taken for the new run's at the same step."""
+    run_dir = tmp_path / "run"
+    (run_dir / "samplers").mkdir(parents=True)
+    (run_dir / "samplers" / "gmm-10-10.npz").write_bytes(b"the old run's mixture")
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    with RunLock(run_dir):
+        prepare_run_dir(run_dir, overwrite=True)
+    assert not (run_dir / "samplers").exists() and not (run_dir / "config.yaml").exists()

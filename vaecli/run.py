@@ -49,6 +49,7 @@ from vaecli.rundir import (
     EVALUATIONS_SUBDIR,
     INFERENCE_SUBDIR,
     RUNS_ROOT,
+    SAMPLER_SUBDIR,
     TENSORBOARD_SUBDIR,
     RunLock,
     read_metrics,
@@ -64,7 +65,7 @@ PRIOR_PICTURE_COUNT = 64
 RECONSTRUCTION_PICTURE_COUNT = 8
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", CHECKPOINT_SUBDIR, "samples", "reconstructions", TENSORBOARD_SUBDIR, CURVES_FILE,
-    EVALUATIONS_SUBDIR, INFERENCE_SUBDIR,
+    EVALUATIONS_SUBDIR, INFERENCE_SUBDIR, SAMPLER_SUBDIR,
 )  # fmt: skip
 
 

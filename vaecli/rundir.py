@@ -29,6 +29,7 @@ CURVES_FILE = "curves.png"
 TENSORBOARD_SUBDIR = "tensorboard"
 EVALUATIONS_SUBDIR = "evaluations"
 INFERENCE_SUBDIR = "inference"
+SAMPLER_SUBDIR = "samplers"  # fitted samplers, e.g. the gmm of `vae generate --sampler gmm`, by step
 # The validation figure `--checkpoint best` ranks checkpoints by (lowest first). What Orbax writes in
 # checkpoints/<step>/: the metrics in metrics/metrics, the run's metadata in meta/metadata, the weights in
 # params/ (and ema_params/), and _CHECKPOINT_METADATA, with the commit time, when the step is complete.

@@ -26,6 +26,7 @@ import numpy as np
 from vaecli.data import load_dataset
 from vaecli.errors import UsageError
 from vaecli.images import make_grid, save_npz, save_npz_streamed, save_png
+from vaecli.rundir import SAMPLER_SUBDIR
 from vaecli.sample import (
     DECODE_BATCH_SIZE,
     check_temperature,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from vaecli.model import VAE
 
 SAMPLERS = ("prior", "gmm")
-SAMPLER_SUBDIR = "samplers"
 # fold_in purpose of the mixture's draws under --seed, apart from the prior's (sample.SAMPLING_STREAM).
 MIXTURE_SAMPLING_STREAM = 9
 # A full covariance has latent (latent + 1) / 2 numbers per component: fewer images than this many
