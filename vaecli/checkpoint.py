@@ -12,6 +12,7 @@ comes last there too, so an asynchronous checkpoint is just as atomic.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from orbax.checkpoint import checkpoint_managers as cm
 from vaecli.config import Config, config_from_dict
 from vaecli.data import Dataset
 from vaecli.errors import CheckpointError, OutputError
+from vaecli.files import ensure_directory
 from vaecli.model import VAE, build_model
 from vaecli.rundir import CHECKPOINT_SUBDIR, RANKING_METRIC
 from vaecli.train import PRNG_IMPL, TrainState, make_optimizer, root_key, split_model
@@ -64,6 +66,7 @@ def _manager(run_dir: Path, create: bool, keep: int = 3, asynchronous: bool = Fa
     """The run's Orbax manager: keeps the newest `keep` checkpoints plus the best by validation loss.
 
     `asynchronous`: save() returns once the arrays are on the host; wait_until_finished() waits for the rest.
+    In a multi-process run each process's manager works alone (see process_local_options).
     """
     policy = cm.AnyPreservationPolicy(
         policies=[
@@ -87,7 +90,21 @@ def _manager(run_dir: Path, create: bool, keep: int = 3, asynchronous: bool = Fa
         # may be writing that very directory.
         cleanup_tmp_directories=create,
     )
+    if jax.process_count() > 1:
+        if create:  # Orbax creates the folder only with barriers across all processes
+            ensure_directory(Path(run_dir) / CHECKPOINT_SUBDIR)
+        options = dataclasses.replace(options, create=False, multiprocessing_options=process_local_options())
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_SUBDIR, options=options)
+
+
+def process_local_options() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for a checkpoint one process reads or writes alone, with no barrier across processes.
+
+    The training state is replicated, so process 0 saves its own copy and no other process takes part; each
+    process of a resumed run reads the same files by itself. Orbax's default would wait at barriers for
+    every process to call each save and read.
+    """
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
 
 
 def checkpoint_items(
@@ -108,6 +125,10 @@ def checkpoint_items(
         "prng_impl": PRNG_IMPL,
         "config": config.to_dict(),
     }
+    if jax.process_count() > 1:
+        # Orbax refuses to save an array held by one process alone when there are several; the same values
+        # as NumPy arrays are saved alike, and restore as jax.Arrays (load_train_state, load_run).
+        state = jax.tree.map(np.asarray, state)
     items = {
         "params": ocp.args.StandardSave(state.params),
         "opt_state": ocp.args.StandardSave(state.opt_state),
@@ -343,6 +364,13 @@ def load_train_state(run_dir: Path, step: int, config: Config, image_shape: tupl
     _, abstract_params = split_model(abstract_model)
     abstract_opt_state = jax.eval_shape(make_optimizer(config).init, abstract_params)
     check_weights_fit(run_dir, step, abstract_params)
+    if jax.process_count() > 1:
+        # Onto this process's first device: the one recorded at saving may be another process's.
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract_params, abstract_opt_state = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+            (abstract_params, abstract_opt_state),
+        )
     items = {
         "params": ocp.args.StandardRestore(abstract_params),
         "opt_state": ocp.args.StandardRestore(abstract_opt_state),

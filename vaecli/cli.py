@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import signal
 import sys
 from pathlib import Path
@@ -138,11 +139,29 @@ def train(
         Path | None,
         typer.Option("--resume", help="Continue RUN_DIR from its newest checkpoint with its saved config."),
     ] = None,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            "--coordinator",
+            help="Join a multi-process run: HOST:PORT of process 0 (with --num-processes and --process-id; "
+            "under Slurm or Open MPI all three are read from the environment).",
+        ),
+    ] = None,
+    num_processes: Annotated[
+        int | None, typer.Option("--num-processes", help="Processes in the multi-process run.")
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option("--process-id", help="This process's number, 0 to N-1 (0 writes the run).")
+    ] = None,
+    join_timeout: Annotated[
+        int, typer.Option("--join-timeout", help="Seconds to wait for the coordinator and the other processes.")
+    ] = 300,
 ) -> None:
     """Fit a VAE: z ~ q(z|x) by reparameterization, loss = -ELBO; writes checkpoints, metrics and pictures.
 
     Ctrl-C stops after the current steps and saves a checkpoint; vae train --resume RUN_DIR goes on
-    from it (--set train.epochs=N to train longer).
+    from it (--set train.epochs=N to train longer). With several processes (--coordinator, or Slurm /
+    Open MPI), each global batch is split over all their devices and process 0 writes the run.
     """
     if resume is not None and (config is not None or out is not None or overwrite):
         raise UsageError(
@@ -150,15 +169,22 @@ def train(
         )
     if resume is None and config is None:
         raise UsageError("give --config CONFIG to start a run, or --resume RUN_DIR to continue one")
+    from vaecli.devices import check_process_flags, join_processes
+
+    check_process_flags(coordinator, num_processes, process_id)
     from vaecli.config import load_config
 
     resolved = load_config(config, overrides or []) if config is not None else None
+    # Before any other use of JAX: every process's devices make up one backend.
+    join_processes(coordinator, num_processes, process_id, join_timeout)
     enable_compilation_cache()
-    from vaecli.devices import describe_devices, device_count_for
+    from vaecli.devices import describe_devices, device_count_for, is_primary
     from vaecli.run import RunHooks, default_run_dir, resume_run, train_run
 
+    # In a multi-process run only process 0 reports; the others print only their errors.
+    output = console if is_primary() else Console(file=io.StringIO())
     stops = StopRequests()
-    with stops.installed(), TrainingDisplay(console) as display:
+    with stops.installed(), TrainingDisplay(output) as display:
         stops.say = display.progress.console.print
         hooks = RunHooks(
             on_progress=display.on_progress,
@@ -169,24 +195,25 @@ def train(
             should_stop=stops.requested,
         )
         if resolved is None:
-            console.print(f"resuming {resume}")
+            output.print(f"resuming {resume}")
             result = resume_run(resume, overrides or [], hooks)
         else:
             run_dir = out or default_run_dir(config)
-            console.print(
+            output.print(
                 f"training on [bold]{resolved.data.name}[/bold] for {resolved.train.epochs} epochs: "
                 f"{describe_model(resolved)}; on {describe_devices(device_count_for(resolved))}; into {run_dir}"
             )
             result = train_run(resolved, run_dir, overwrite, hooks)
     if result.stopped_at_step is not None:
-        error_console.print(
-            f"stopped at step {result.stopped_at_step}; checkpoint saved in {result.run_dir}; "
-            f"resume with: vae train --resume {result.run_dir}",
-            highlight=False,
-        )
+        if is_primary():
+            error_console.print(
+                f"stopped at step {result.stopped_at_step}; checkpoint saved in {result.run_dir}; "
+                f"resume with: vae train --resume {result.run_dir}",
+                highlight=False,
+            )
         raise typer.Exit(128 + (stops.signal_number or signal.SIGINT))
     run_dir = result.run_dir
-    console.print(f"done: {run_dir} (try: vae generate --run {run_dir}  or  vae reconstruct --run {run_dir})")
+    output.print(f"done: {run_dir} (try: vae generate --run {run_dir}  or  vae reconstruct --run {run_dir})")
 
 
 def describe_model(config) -> str:

@@ -14,23 +14,145 @@ partitionable mode (jax_threefry_partitionable, on by default), so each device c
 batch's draw; threefry without that mode computes the whole draw on every device and keeps a slice. What
 changes with the device count is the order of the float sums behind the mean over the batch: losses and
 weights agree with one device's to rounding, not bit for bit.
+
+Several processes (join_processes, on JAX's own distributed runtime): the mesh spans every process's devices and
+the global batch is split over all of them. Each process holds the same host data (the same seed, dataset and
+checkpoint), so each builds its devices' copies of a replicated array from it (Placement.replicate). Process 0
+alone writes the run (is_primary); what it saves and draws from works on its own copy of the replicated state.
 """
 
 from __future__ import annotations
 
 import functools
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.interpreters import mlir
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from vaecli.config import Config
-from vaecli.errors import ConfigError
+from vaecli.errors import ConfigError, ProcessesError, UsageError
 
 DATA_AXIS = "data"
+# How long a process waits for the others to join (and a process other than 0 for the coordinator to answer).
+JOIN_TIMEOUT_SECONDS = 300
+
+
+def cluster_process_count() -> int:
+    """The processes a Slurm step (srun) or an Open MPI job (mpirun) says this run has; 1 outside them.
+
+    The same detection jax.distributed.initialize() runs with no arguments (JAX has no public API for it).
+    """
+    from jax._src import clusters
+
+    for environment in (clusters.SlurmCluster, clusters.OmpiCluster):
+        if environment.is_env_present():
+            return environment.get_process_count()
+    return 1
+
+
+def check_process_flags(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Refuse a partial or impossible --coordinator / --num-processes / --process-id, before anything starts."""
+    given = [flag is not None for flag in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise UsageError(
+            "--coordinator HOST:PORT, --num-processes N and --process-id I go together (or none of them, "
+            "under Slurm or Open MPI, which say all three)"
+        )
+    if not any(given):
+        return
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--coordinator {coordinator!r}: give HOST:PORT, e.g. 10.0.0.1:1234")
+    if num_processes < 1:
+        raise UsageError(f"--num-processes must be at least 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise UsageError(f"--process-id {process_id} is out of range: give 0 to {num_processes - 1}")
+
+
+def join_processes(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_seconds: int = JOIN_TIMEOUT_SECONDS,
+) -> bool:
+    """Join a multi-process run when the flags or a Slurm / Open MPI environment ask for one; False when none does.
+
+    Must come before any other use of JAX in the process: the devices of all processes form one backend.
+    A plain single-process run starts no coordinator.
+    """
+    check_process_flags(coordinator, num_processes, process_id)
+    if coordinator is None and cluster_process_count() <= 1:
+        return False
+    if timeout_seconds < 1:
+        raise UsageError(f"--join-timeout must be at least 1 second, got {timeout_seconds}")
+    if coordinator is not None and process_id != 0:
+        wait_for_coordinator(coordinator, timeout_seconds)
+    # Collectives between processes on the CPU need an implementation (the default, none, fails them); gloo
+    # ships with jaxlib. Other backends ignore the option.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_seconds)
+    except (RuntimeError, ValueError) as error:  # a backend already started, or an environment JAX cannot read
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ProcessesError(f"cannot join the other processes: {first_line}") from error
+    return True
+
+
+def wait_for_coordinator(coordinator: str, timeout_seconds: int) -> None:
+    """Until the coordinator accepts a connection; ProcessesError after `timeout_seconds`.
+
+    Checked here because jaxlib ends the whole process (an abort, with a stack trace) when it cannot reach it.
+    """
+    host, _, port = coordinator.rpartition(":")
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_seconds)).close()
+            return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                reason = error.strerror or type(error).__name__
+                raise ProcessesError(
+                    f"cannot reach the coordinator {coordinator} within {timeout_seconds} s ({reason}); "
+                    "start process 0 there first, or check --coordinator"
+                ) from None
+            time.sleep(0.25)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run (process 0 does; the others train their share and keep nothing)."""
+    return jax.process_index() == 0
+
+
+def agreed_by_all_processes(flag: Callable[[], bool]) -> Callable[[], bool]:
+    """`flag` itself in one process; with several, true for all of them when it is true for any.
+
+    Each call is a small collective, so every process must call it at the same points (the training loop
+    asks once per chunk): a stop request seen by one process then stops all of them at the same step.
+    """
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    def any_process() -> bool:
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag())))))
+
+    return any_process
+
+
+def wait_for_all_processes(name: str) -> None:
+    """A barrier across processes (none in a single-process run); `name` must be the same in each."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def local_devices() -> list[jax.Device]:
@@ -50,11 +172,16 @@ def describe_devices(count: int) -> str:
 
 
 def device_count_for(config: Config) -> int:
-    """How many devices train: train.devices, or all of this process's when it is null."""
-    available = len(local_devices())
+    """How many devices train: train.devices, or all of them (every process's) when it is null."""
+    available = len(jax.devices())
     wanted = config.train.devices
     if wanted is None:
         return available
+    if jax.process_count() > 1 and wanted != available:
+        raise ConfigError(
+            f"train.devices is {wanted}, but a run of {jax.process_count()} processes trains on all of their "
+            f"{available} devices; set train.devices to null"
+        )
     if wanted > available:
         raise ConfigError(
             f"train.devices is {wanted}, but this process has {devices_phrase(available)}; "
@@ -95,8 +222,19 @@ class Placement:
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
 
     def replicate(self, tree: Any) -> Any:
-        """A full copy of every array of `tree` on every device (no copy made where it is one already)."""
-        return jax.device_put(tree, self.replicated)
+        """A full copy of every array of `tree` on every device (no copy made where it is one already).
+
+        With several processes, each must pass the same values: each builds its own devices' copies from them.
+        """
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+
+        def global_copy(leaf):
+            # device_put cannot reach another process's devices: one global array, each process filling its own.
+            host = np.asarray(leaf)
+            return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
+
+        return jax.tree.map(global_copy, tree)
 
     def shard_batch(self, batch: jax.Array) -> jax.Array:
         """Inside a jitted function: ask XLA to split `batch` by its first axis over the devices."""
@@ -114,12 +252,16 @@ class Placement:
         """
         # jnp.copy: device_put from a replicated array hands back its first shard's buffer, even when
         # told may_alias=False (JAX 0.10.2), and the next step would donate that buffer.
+        if jax.process_count() > 1:
+            # The mesh's first device may be another process's: each process takes its own first copy of the
+            # replicated state, the whole of it (process 0 saves and draws from it, on its own device).
+            return jax.tree.map(lambda leaf: jnp.copy(leaf.addressable_data(0)), tree)
         return jax.tree.map(jnp.copy, jax.device_put(tree, self.mesh.devices.flat[0]))
 
 
 def placement_over(count: int) -> Placement:
-    """A Placement on the first `count` of this process's devices."""
-    mesh = jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=local_devices()[:count])
+    """A Placement on the first `count` devices (this process's; with several processes, all of theirs)."""
+    mesh = jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:count])
     if count > 1:
         lower_mulhi_from_halves()
     return Placement(mesh)

@@ -35,6 +35,10 @@ class Interrupted(VaeError):
     exit_code = 130
 
 
+class ProcessesError(VaeError):
+    """A multi-process run cannot start: the coordinator is unreachable, or JAX cannot join the processes."""
+
+
 class OutputError(VaeError):
     """An output file or directory cannot be written."""
 

@@ -17,11 +17,17 @@ while the next epoch trains (EpochOutputs); the checkpoint is saved asynchronous
 A trainer holds the run's lock (RUN_DIR/.lock, rundir.RunLock) from before it changes anything there until
 all of that is on disk: a second `vae train` aimed at the run (--overwrite or --resume) is refused, naming
 the first. Commands that only read a run take no lock.
+
+A run of several processes (vaecli.devices.join_processes) is one run: process 0 takes the lock and writes
+everything above; the others read what a resumed run starts from, train their share and write nothing. All
+of them stop at the same step when any one is asked to (a collective per chunk), and none returns before
+process 0's outputs are on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import shutil
@@ -39,6 +45,7 @@ from vaecli.config import Config, apply_override, config_from_dict, config_to_ya
 from vaecli.curves import write_curves
 from vaecli.data import Dataset, load_dataset, resolved_data_dir
 from vaecli.data.download import DownloadProgress
+from vaecli.devices import agreed_by_all_processes, is_primary, wait_for_all_processes
 from vaecli.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingError, VaeError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
@@ -180,10 +187,20 @@ def load_run_data(config: Config, hooks: RunHooks) -> Dataset:
     return dataset
 
 
+def agreed_hooks(hooks: RunHooks) -> RunHooks:
+    """`hooks` with its stop requests agreed by all processes (any one's stops them all), in a multi-process run."""
+    if hooks.should_stop is None:
+        return hooks
+    return dataclasses.replace(hooks, should_stop=agreed_by_all_processes(hooks.should_stop))
+
+
 def train_run(config: Config, run_dir: Path, overwrite: bool = False, hooks: RunHooks = RunHooks()) -> RunResult:
     """Start a run: load the data, then train, writing metrics, pictures and a checkpoint every epoch."""
+    hooks = agreed_hooks(hooks)
     dataset = load_run_data(config, hooks)  # before the run directory is touched
     config = with_data_dir_recorded(config)
+    if not is_primary():
+        return continue_training(config, dataset, Path(run_dir), None, hooks)
     # Locked before an old run in it is replaced, and held until every output is on disk.
     with RunLock(create_run_dir(run_dir)):
         run_dir = prepare_run_dir(run_dir, overwrite)
@@ -232,8 +249,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def resume_run(run_dir: Path, overrides: list[str] | None = None, hooks: RunHooks = RunHooks()) -> RunResult:
     """Continue a run from its newest checkpoint, with its saved config: the weights come out as if never stopped."""
     run_dir = Path(run_dir)
+    hooks = agreed_hooks(hooks)
     if not (run_dir / CHECKPOINT_SUBDIR).is_dir():
         read_latest_meta(run_dir)  # says what is missing, leaving no lock file in a folder that holds no run
+    if not is_primary():  # process 0 holds the lock for the whole run
+        return resume_locked_run(run_dir, overrides or [], hooks)
     # Locked before its newest checkpoint is read (a trainer still writing it would make that a moving target)
     # and held until every output is on disk.
     with RunLock(run_dir):
@@ -258,8 +278,9 @@ def resume_locked_run(run_dir: Path, overrides: list[str], hooks: RunHooks) -> R
     dataset = load_run_data(config, hooks)
     check_same_data(run_dir, meta, dataset)
     state = load_train_state(run_dir, meta["step"], config, dataset.image_shape)
-    keep_metrics_up_to(run_dir, completed_epochs)
-    write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
+    if is_primary():
+        keep_metrics_up_to(run_dir, completed_epochs)
+        write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
     return continue_training(config, dataset, run_dir, state, hooks)
 
 
@@ -384,7 +405,10 @@ def continue_training(
     Every output handed over is complete on disk when this returns or raises. curves.png is drawn once,
     when the run ends (finished, stopped or diverged), not every epoch: matplotlib would put about a
     second on each epoch, while TensorBoard and `vae curves` already show a run in progress.
+    In a multi-process run only process 0 records; every process returns once the outputs are on disk.
     """
+    if not is_primary():
+        return follow_training(config, dataset, run_dir, start, hooks)
     outputs = EpochOutputs(run_dir, config, dataset, first_epoch_to_train(config, dataset, start))
     epoch_clock = Laps()  # the first epoch's wall time includes compiling the training step
 
@@ -411,6 +435,24 @@ def continue_training(
         raise
     outputs.close()
     draw_curves_so_far(run_dir)
+    wait_for_all_processes("vaecli: the run's outputs are on disk")
+    return RunResult(run_dir, None if outcome.stopped_in_epoch is None else step)
+
+
+def follow_training(
+    config: Config, dataset: Dataset, run_dir: Path, start: TrainState | None, hooks: RunHooks
+) -> RunResult:
+    """continue_training in a process other than 0: train this process's share, record nothing.
+
+    Waits for process 0's outputs at the end, so that no process leaves (and no launcher starts a resumed
+    run) before the last checkpoint is complete.
+    """
+    try:
+        outcome = train(config, dataset, None, None, start, hooks.should_stop)
+    except NonFiniteLoss as error:  # every process meets it at the same step: the losses are replicated
+        raise TrainingError(f"training stopped: {error}; process 0 says which checkpoint is good") from error
+    wait_for_all_processes("vaecli: the run's outputs are on disk")
+    step = int(outcome.state.step)
     return RunResult(run_dir, None if outcome.stopped_in_epoch is None else step)
 
 
