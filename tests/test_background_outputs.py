@@ -130,3 +130,16 @@ def test_exit_now_waits_for_the_outputs_still_being_written(tmp_path, monkeypatc
     finally:
         worker.close()
     assert exits == [(3, True, True)]  # the task queued and the drain (an asynchronous save's wait) both ran first
+
+
+def test_the_epoch_pictures_compile_once_before_training_not_again_during_it(tmp_path):
+    """The pictures are compiled ahead, on a fresh model placed where each epoch's state is copied to: a model
+    placed elsewhere keys another compilation, which then runs beside epoch 2's steps and slows them."""
+    from vaecli import sample
+
+    config = tiny_config(model={"latent_dim": 7}, train={"epochs": 2})  # shapes no other test compiles
+    dataset = tiny_dataset(train_count=64, val_count=16)
+    before = sample._decode_prior_batch._cache_size(), sample._reconstruct_batch._cache_size()
+    continue_training(config, dataset, tmp_path / "run", None, RunHooks())
+    after = sample._decode_prior_batch._cache_size(), sample._reconstruct_batch._cache_size()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)

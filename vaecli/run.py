@@ -37,7 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from vaecli.background import OrderedWorker
 from vaecli.checkpoint import CheckpointWriter, load_train_state, read_latest_meta
@@ -133,7 +135,12 @@ def compile_epoch_pictures(config: Config, dataset: Dataset) -> None:
     Done on the worker while the main thread compiles the training step, one compilation per core:
     otherwise the first pictures compile (seconds) while epoch 2 trains, and slow it down as much.
     """
-    epoch_pictures(build_model(config.model, dataset.image_shape, config.seed), config, dataset.val_images)
+    graphdef, weights = nnx.split(build_model(config.model, dataset.image_shape, config.seed))
+    # Committed to the device each epoch's state is copied to (devices.Placement.copy_to_one_device): jit keys
+    # its compilations by where the arguments live, and a fresh model's uncommitted arrays would leave the real
+    # pictures to compile again while epoch 2 trains (measured: 0.5 s more per epoch over 4 epochs).
+    model = nnx.merge(graphdef, jax.device_put(weights, jax.local_devices()[0]))
+    epoch_pictures(model, config, dataset.val_images)
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
