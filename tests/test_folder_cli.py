@@ -20,14 +20,16 @@ def vae(*args):
     return result
 
 
-@pytest.mark.parametrize(("image_size", "channels"), [(16, 3), (20, 1)])
-def test_train_generate_reconstruct_on_an_image_folder(tmp_path, monkeypatch, image_size, channels):
+# Colour with folder.yaml's local autoregressive decoder (pictures drawn pixel by pixel); grey without it
+# (pictures are means), so both decoders go through every command.
+@pytest.mark.parametrize(("image_size", "channels", "pixel_context"), [(16, 3, 5), (20, 1, 0)])
+def test_train_generate_reconstruct_on_an_image_folder(tmp_path, monkeypatch, image_size, channels, pixel_context):
     monkeypatch.chdir(tmp_path)
     pictures = write_image_folder(tmp_path / "pictures", count_per_class=6)
     settings = [
         "--set", f"data.dir={pictures}", "--set", f"data.image_size={image_size}", "--set", f"data.channels={channels}",
         "--set", "model.hidden=[32]", "--set", "model.latent_dim=4", "--set", "train.epochs=2",
-        "--set", "train.batch_size=5",
+        "--set", "train.batch_size=5", "--set", f"model.pixel_context={pixel_context}",
     ]  # fmt: skip
     trained = vae("train", "--config", "folder.yaml", *settings)
     assert "note: skipped 1 of" in trained.output  # the corrupt file, counted in one line

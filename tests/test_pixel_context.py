@@ -78,16 +78,18 @@ def test_a_draw_is_made_pixel_by_pixel_from_the_parameters_the_full_pass_gives(l
     channels = image_shape[2] if len(image_shape) == 3 else 1
     latents = latents_for(model, count)
     row_keys = jax.vmap(lambda index: jax.random.fold_in(jax.random.key(7), index))(jnp.arange(count))
-    drawn = jax.jit(lambda m, z, k: m.decode_images(z, k))(model, latents, row_keys)
+    draw = jax.jit(lambda m, z, k: m.decode_images(z, k))
+    drawn = draw(model, latents, row_keys)
     params = model.decode(latents, drawn).reshape(count, values // channels, -1)
-    for position in range(values // channels):
-        pixel_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, position)
-        redrawn = jax.vmap(model.likelihood.sample)(pixel_keys, params[:, position])
-        np.testing.assert_array_equal(redrawn, drawn.reshape(count, -1, channels)[:, position])
+    # Pixel p of row n, redrawn from the full pass's parameters with fold_in(row key n, p): all at once.
+    positions = jnp.arange(values // channels)
+    pixel_keys = jax.vmap(lambda key: jax.vmap(lambda position: jax.random.fold_in(key, position))(positions))(row_keys)
+    redrawn = jax.vmap(jax.vmap(model.likelihood.sample))(pixel_keys, params)
+    np.testing.assert_array_equal(redrawn, drawn.reshape(count, -1, channels))
     # Different keys, different pictures; the same keys, the same pictures.
-    other = model.decode_images(latents, jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(8), jnp.arange(3)))
+    other = draw(model, latents, jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(8), jnp.arange(3)))
     assert not np.array_equal(other, drawn)
-    np.testing.assert_array_equal(model.decode_images(latents, row_keys), drawn)
+    np.testing.assert_array_equal(draw(model, latents, row_keys), drawn)
 
 
 def test_decoding_without_the_image_is_refused():
