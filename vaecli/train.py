@@ -297,8 +297,8 @@ def make_train_chunk(
         chunk,
         static_argnames="steps",
         donate_argnums=0,
-        out_shardings=placement.replicated,
         compiler_options=TRAIN_COMPILER_OPTIONS,
+        **placement.jit_options(),
     )
 
 
@@ -408,7 +408,7 @@ def make_evaluator(
 
     split_batches = placement.splits(batch_size)
 
-    @functools.partial(jax.jit, out_shardings=placement.replicated)
+    @functools.partial(jax.jit, **placement.jit_options())
     def totals(params, images_uint8):
         model = nnx.merge(graphdef, params)
 
