@@ -30,7 +30,7 @@ from flax import nnx
 from vaecli.config import Config, config_to_yaml, load_config, validate_config
 from vaecli.data import Dataset
 from vaecli.data.idx_family import validation_count
-from vaecli.devices import placement_over
+from vaecli.devices import Placement, placement_over
 from vaecli.model import build_model, reparameterize
 from vaecli.rundir import read_metrics
 from vaecli.train import (
@@ -176,13 +176,20 @@ def evaluation_images_per_second(config: Config, dataset: Dataset, repeats: int 
 def conv_images_per_second(steps: int = 16) -> float:
     """Training images/s of the configs/folder.yaml model (conv stages, logistic mixture, batch 16) on random
     32x32x3 images, stepped as train() steps it; timed after a first call that compiles."""
-    config = load_config("folder.yaml")
+    return stepped_images_per_second(load_config("folder.yaml"), (32, 32, 3), steps, placement_over(1))
+
+
+def stepped_images_per_second(config: Config, image_shape: tuple[int, ...], steps: int, placement: Placement) -> float:
+    """Training images/s of `config`'s model on `steps` batches of random images, stepped as train() steps it
+    (chunks of steps_per_chunk_for, weights and images placed by `placement`); timed after a first chunk that
+    compiles."""
     batch_size = config.train.batch_size
-    images = np.random.default_rng(0).integers(0, 256, (steps * batch_size, 32, 32, 3), dtype=np.uint8)
-    graphdef, state = init_train_state(config, images.shape[1:], images)
-    train_chunk = make_train_chunk(graphdef, config, steps)
-    device_images = device_split(config, images, split_number=0)
-    batches = jax.device_put(epoch_batch_indices(config.seed, 1, len(images), batch_size))
+    images = np.random.default_rng(0).integers(0, 256, (steps * batch_size, *image_shape), dtype=np.uint8)
+    graphdef, state = init_train_state(config, image_shape, images)
+    state = placement.replicate(state)
+    train_chunk = make_train_chunk(graphdef, config, steps, placement)
+    device_images = placement.replicate(device_split(config, images, split_number=0))
+    batches = placement.replicate(epoch_batch_indices(config.seed, 1, len(images), batch_size))
     chunks = epoch_chunks(0, steps, steps_per_chunk_for(config))
     state, losses = train_chunk(state, device_images, batches, *chunks[0])
     losses.block_until_ready()
@@ -205,22 +212,7 @@ def data_parallel_images_per_second(devices: int, steps: int = DATA_PARALLEL_STE
     """Training images/s of the reference MLP with each batch split over `devices` of this process's devices,
     stepped as train() steps it (replicated weights and images); timed after a first chunk that compiles."""
     config = validate_config(REFERENCE_SETTINGS, "reference MLP")
-    placement = placement_over(devices)
-    batch_size = config.train.batch_size
-    images = np.random.default_rng(0).integers(0, 256, (steps * batch_size, *IMAGE_SHAPE), dtype=np.uint8)
-    graphdef, state = init_train_state(config, IMAGE_SHAPE)
-    state = placement.replicate(state)
-    train_chunk = make_train_chunk(graphdef, config, steps, placement)
-    device_images = placement.replicate(device_split(config, images, split_number=0))
-    batches = placement.replicate(epoch_batch_indices(config.seed, 1, len(images), batch_size))
-    chunks = epoch_chunks(0, steps, steps_per_chunk_for(config))
-    state, losses = train_chunk(state, device_images, batches, *chunks[0])
-    losses.block_until_ready()
-    started = time.perf_counter()
-    for first_step, chunk_steps in chunks[1:]:
-        state, losses = train_chunk(state, device_images, batches, first_step, chunk_steps)
-    losses.block_until_ready()
-    return (steps - chunks[0][1]) * batch_size / (time.perf_counter() - started)
+    return stepped_images_per_second(config, IMAGE_SHAPE, steps, placement_over(devices))
 
 
 def forced_device_figures(device_counts: tuple[int, ...] = (1, FORCED_DEVICES)) -> dict[str, float]:

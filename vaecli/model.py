@@ -18,7 +18,7 @@ from flax import nnx
 from vaecli.config import ModelConfig
 from vaecli.errors import ConfigError
 from vaecli.inference import ACTIVATION_FUNCTIONS, LOG_VARIANCE_BOUND, latents_from_noise
-from vaecli.likelihoods import Likelihood, make_likelihood
+from vaecli.likelihoods import DiscretizedLogisticMixture, Likelihood, make_likelihood
 
 
 class MLP(nnx.Module):
@@ -128,10 +128,9 @@ class VAE(nnx.Module):
         log_variance = LOG_VARIANCE_BOUND * jnp.tanh(raw_log_variance / LOG_VARIANCE_BOUND)
         return self.to_mean(features), log_variance
 
-    @property
-    def autoregressive(self) -> bool:
-        """Whether p(x|z) also depends on the image's own pixels (model.pixel_context): decode needs targets."""
-        return self.context is not None
+    def _params_given_z(self, latents: jax.Array) -> jax.Array:
+        """The decoder's parameters before any pixel context: [..., latent] -> [..., values * params_per_value]."""
+        return self.decoder(latents) + self.output_bias[...]
 
     def decode(self, latents: jax.Array, targets: jax.Array | None = None) -> jax.Array:
         """[..., batch, latent] -> the likelihood's parameters [..., batch, values * params_per_value].
@@ -139,7 +138,7 @@ class VAE(nnx.Module):
         An autoregressive model needs the images being scored, `targets` [batch, values]: the parameters
         of each pixel depend on the pixels before it. Others ignore `targets`.
         """
-        params = self.decoder(latents) + self.output_bias[...]
+        params = self._params_given_z(latents)
         if self.context is None:
             return params
         if targets is None:
@@ -149,7 +148,7 @@ class VAE(nnx.Module):
     def decode_images(self, latents: jax.Array, row_keys: jax.Array) -> jax.Array:
         """Latents [N, latent] -> images [N, values] in [0, 1]: the mean of p(x|z), or, for an autoregressive
         model (whose mean has no closed form), one draw per row, pixel by pixel, with row_keys [N]."""
-        params = self.decoder(latents) + self.output_bias[...]
+        params = self._params_given_z(latents)
         if self.context is None:
             return self.likelihood.mean(params)
         return self.context.sample(self.likelihood, params, row_keys)
@@ -190,7 +189,7 @@ def inference_weights(model: VAE) -> dict[str, np.ndarray]:
 def set_output_bias(model: VAE, train_images_uint8: np.ndarray) -> None:
     """Start the decoder at the data's marginal: its output bias from the training images' statistics."""
     images = np.asarray(train_images_uint8)
-    if model.context is not None and model.likelihood.params_per_value > 1:
+    if model.context is not None and isinstance(model.likelihood, DiscretizedLogisticMixture):
         # The context's linear path starts as "each value is its left neighbour", so the bias codes what is
         # left: the residuals from that neighbour, far narrower than the values on smooth pictures.
         from vaecli.pixel_context import residuals_from_left

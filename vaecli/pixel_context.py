@@ -95,15 +95,13 @@ class PixelContext(nnx.Module):
         small = nnx.initializers.variance_scaling(CONTEXT_OUTPUT_INIT_SCALE**2, "fan_in", "truncated_normal")
         self.to_params = nnx.Linear(width, outputs, kernel_init=small, use_bias=False, rngs=rngs)
 
-    def start_from_left_neighbour(self, likelihood: Likelihood) -> None:
+    def start_from_left_neighbour(self, likelihood: DiscretizedLogisticMixture) -> None:
         """Start the linear path as PNG's Sub filter: every component mean of a value is its left neighbour's value.
 
         Used with an output bias fitted to the residuals from that neighbour (model.set_output_bias), so that
         training starts from a sharp local predictor instead of learning one from the data's broad marginal.
         Only for the logistic mixture, whose means are values in x' (a Bernoulli logit is not).
         """
-        if not isinstance(likelihood, DiscretizedLogisticMixture):
-            return
         channels = self.image_shape[2]
         params_per_value, mixtures = likelihood.params_per_value, likelihood.mixtures
         centre = self.size // 2
