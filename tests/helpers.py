@@ -1,8 +1,13 @@
-"""Helpers shared by the training and resume tests: a tiny dataset and config, and tree comparisons."""
+"""Helpers shared by the tests: a tiny dataset and config, tree comparisons, the CLI runner, child processes with
+several devices."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,6 +18,9 @@ from vaecli.cli import app
 from vaecli.config import Config, DataConfig
 from vaecli.data import Dataset, load_dataset
 
+# Devices of a child process started by run_child: XLA fixes their number when JAX starts, so a check on several
+# devices runs in a child with XLA_FLAGS=--xla_force_host_platform_device_count (CPU devices sharing the cores).
+FORCED_DEVICES = 4
 # A model that compiles in a moment: 256 training images in batches of 32 make 8 steps an epoch.
 TINY = {"model": {"hidden": [32], "latent_dim": 4}, "train": {"epochs": 2, "batch_size": 32}}
 
@@ -65,3 +73,19 @@ def assert_one_line_error(result, expected_code, fragment):
     assert len(lines) == 1, result.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
+
+
+def child_environment(devices: int) -> dict[str, str]:
+    """This process's environment (its private data caches among it), on the CPU, with `devices` devices."""
+    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    environment["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return environment
+
+
+def run_child(command: list[str], devices: int, cwd: Path) -> subprocess.CompletedProcess:
+    """`python COMMAND` in a child process with `devices` CPU devices, its output captured."""
+    return subprocess.run(
+        [sys.executable, *command], env=child_environment(devices), cwd=cwd, capture_output=True, text=True
+    )

@@ -8,16 +8,13 @@ with XLA_FLAGS=--xla_force_host_platform_device_count=4: four CPU devices sharin
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, vae
+from helpers import FORCED_DEVICES, assert_one_line_error, run_child, vae
 from idx_files import write_mnist_dir
 
 from vaecli.config import validate_config
@@ -25,7 +22,6 @@ from vaecli.devices import check_batch_splits, mulhi_from_halves
 from vaecli.errors import ConfigError
 from vaecli.rundir import read_metrics
 
-FORCED_DEVICES = 4
 # The tiny model of tests/helpers.py on 384 MNIST-format blob images in data.dir (320 to train, 10 steps an epoch,
 # and 64 to validate), so that a resumed run reads the same images.
 TINY_RUN = {
@@ -94,21 +90,6 @@ settings["train"]["devices"] = 1
 train_run(validate_config(settings, "one device"), f"{out}/one")
 print(json.dumps(report))
 """
-
-
-def child_environment(devices: int) -> dict[str, str]:
-    """This process's environment (its private data caches among it), on the CPU, with `devices` devices."""
-    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    environment["JAX_PLATFORMS"] = "cpu"
-    if devices > 1:
-        environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return environment
-
-
-def run_child(command: list[str], devices: int, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *command], env=child_environment(devices), cwd=cwd, capture_output=True, text=True
-    )
 
 
 @pytest.fixture(scope="module")

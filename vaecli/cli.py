@@ -467,6 +467,7 @@ def evaluation_table(loaded, result):
     nll_name = "test NLL" if result.split == "test" else f"{result.split} NLL"
     top = ", ".join(f"z{entry['dim']} {entry['kl']:.2f}" for entry in result.kl_per_dim[:6])
     aggregate = result.aggregate_posterior
+    devices = f"{result.devices} device{'s' if result.devices > 1 else ''}"
     rows = [
         (f"{nll_name} (k={result.k})", f"{result.nll_nats:.2f} nats", "-log p(x) by importance sampling (upper bound)"),
         ("-ELBO", f"{result.neg_elbo_nats:.2f} nats", "reconstruction + KL: the k = 1 bound"),
@@ -484,7 +485,7 @@ def evaluation_table(loaded, result):
         ),
         ("protocol", "", result.protocol),
         ("weights", "", result.extra.get("weights", "")),
-        ("seconds", f"{result.seconds:.1f}", f"--seed {result.seed}"),
+        ("seconds", f"{result.seconds:.1f}", f"--seed {result.seed}; on {devices}"),
     ]
     title = f"{loaded.dataset_name} {result.split} split: {result.images} images, {loaded.run_dir} step {loaded.step}"
     table = Table(title=escape(title), title_justify="left")

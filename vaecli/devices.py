@@ -15,6 +15,10 @@ batch's draw; threefry without that mode computes the whole draw on every device
 changes with the device count is the order of the float sums behind the mean over the batch: losses and
 weights agree with one device's to rounding, not bit for bit.
 
+Inference (generate, reconstruct, evaluate) splits its batches over the same kind of mesh, its weights replicated
+(see vaecli.sample.inference_placement); each of its draws is keyed by an image's index, so the device count
+changes no figure beyond rounding.
+
 Several processes (join_processes, on JAX's own distributed runtime): the mesh spans every process's devices and
 the global batch is split over all of them. Each process holds the same host data (the same seed, dataset and
 checkpoint), so each builds its devices' copies of a replicated array from it (Placement.replicate). Process 0
@@ -244,6 +248,13 @@ class Placement:
         if self.count == 1:
             return batch
         return jax.lax.with_sharding_constraint(batch, self.batch)
+
+    def place_batch(self, batch: Any) -> jax.Array:
+        """Outside a jitted function: `batch` placed split by its first axis over the devices (as shard_batch asks
+        inside one). An array already committed to one device could not enter a program that spans several."""
+        if self.count == 1:
+            return jax.device_put(batch, self.mesh.devices.flat[0])
+        return jax.device_put(batch, self.batch)
 
     def jit_options(self) -> dict[str, Any]:
         """jax.jit's options for a function whose results are replicated: out_shardings on several devices, none

@@ -5,6 +5,10 @@ the log-likelihood for every k that rises towards log p(x) as k grows, so -bound
 that papers report (k = 5000 in theirs). Beside it: the negative ELBO (reconstruction + KL), bits
 per dimension, the active latent units, the KL of each latent dimension and how far the aggregate
 posterior (the posteriors of all images, taken together) is from the prior N(0, I).
+
+On several devices (vaecli.sample.inference_placement) each call's images are split over them: sample j of
+image i is keyed by (i, j) and summed in the same order on any of them, so the figures are one device's to
+float rounding.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from vaecli.errors import UsageError
 from vaecli.inference import latents_from_noise
 from vaecli.likelihoods import bits_per_dim
 from vaecli.objectives import importance_log_weights, kl_per_dimension
-from vaecli.sample import sampling_key
+from vaecli.sample import device_count, inference_placement, rows_for_devices, sampling_key, split_rows
 from vaecli.train import SPLIT_NUMBERS, binarize_once, device_split, intensities
 
 if TYPE_CHECKING:
     from vaecli.checkpoint import LoadedRun
+    from vaecli.devices import Placement
     from vaecli.inference_run import InferenceRun
 
 # Burda et al.: a unit is active when its posterior mean varies over the data by more than this.
@@ -65,6 +70,7 @@ class SplitEvaluation:
     is_likelihood: bool  # False for a Bernoulli model of grey levels
     seed: int
     seconds: float
+    devices: int  # how many devices the images were split over
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,20 +115,28 @@ def call_shape(k: int, outputs_per_row: int) -> tuple[int, int, int]:
     return images, samples, -(-k // samples)
 
 
-@jax.jit
-def _encode(model, targets):
+@partial(jax.jit, static_argnames=("placement",))
+def _encode(model, targets, placement=None):
     """The posterior of each image: (mean, log-variance), each [images, latent]."""
-    return model.encode(targets)
+    return tuple(split_rows(array, placement) for array in model.encode(split_rows(targets, placement)))
 
 
-@partial(jax.jit, static_argnames=("k", "samples_per_step"))
-def _importance_step(model, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step):
+@partial(jax.jit, static_argnames=("k", "samples_per_step", "placement"))
+def _importance_step(
+    model, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step, placement=None
+):
     """Fold samples step_index * samples_per_step ... of each image into the running log-sum-exp of its weights.
 
     One compiled call per step, not a lax.scan over steps: XLA's CPU backend runs a convolutional
     decoder inside a loop an order of magnitude slower (see vaecli.train.steps_per_chunk_for).
-    `model`: a VAE or an InferenceModel, pytrees both (see vaecli.sample).
+    `model`: a VAE or an InferenceModel, pytrees both (see vaecli.sample). `placement`: the devices the
+    images are split over (None: one device); every per-image array, the running sums among them, stays split.
     """
+    if placement is not None:
+        targets, mean, log_variance, image_keys = (
+            split_rows(array, placement) for array in (targets, mean, log_variance, image_keys)
+        )
+        running = tuple(split_rows(array, placement) for array in running)
     running_max, running_sum, log_likelihood_sum = running
     # Sample j of image i is drawn from fold_in(image key i, j): the same whatever the batching,
     # and the first k' samples of a larger k are those of k'.
@@ -142,19 +156,23 @@ def _importance_step(model, targets, mean, log_variance, image_keys, step_index,
     new_max = jnp.maximum(running_max, jnp.max(log_weights, axis=0))
     running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(log_weights - new_max), axis=0)
     log_likelihood_sum += jnp.sum(jnp.where(in_range, log_likelihood, 0.0), axis=0)
-    return new_max, running_sum, log_likelihood_sum
+    return tuple(split_rows(array, placement) for array in (new_max, running_sum, log_likelihood_sum))
 
 
-def _batch_statistics(model, targets, image_indices, seed_key, k, samples_per_step, steps):
-    """Per image: log p(x) by the k-sample bound, reconstruction, KL per dimension, posterior mean and variance."""
-    mean, log_variance = _encode(model, targets)
+def _batch_statistics(model, targets, image_indices, seed_key, k, samples_per_step, steps, placement=None):
+    """Per image: log p(x) by the k-sample bound, reconstruction, KL per dimension, posterior mean and variance.
+
+    `placement`: the devices the images are split over (None: one device); targets and image_indices come
+    placed on them (Placement.place_batch), the model replicated.
+    """
+    mean, log_variance = _encode(model, targets, placement)
     image_keys = jax.vmap(lambda index: jax.random.fold_in(seed_key, index))(image_indices)
     count = targets.shape[0]
     # A finite floor, not -inf, so that the first rescale is exp(-1e30 - max) = 0, not NaN.
     running = (jnp.full(count, -1e30), jnp.zeros(count), jnp.zeros(count))
     for step_index in range(steps):
         running = _importance_step(
-            model, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step
+            model, targets, mean, log_variance, image_keys, step_index, running, k, samples_per_step, placement
         )
     log_max, weight_sum, log_likelihood_sum = running
     log_px = log_max + jnp.log(weight_sum) - math.log(k)
@@ -217,8 +235,12 @@ def evaluate_images(
     k: int,
     seed: int,
     on_progress: Callable[[int, int], None] | None = None,
+    placement: Placement | None = None,
 ) -> SplitEvaluation:
-    """Every figure of SplitEvaluation for these images of split `split`, with k importance samples each."""
+    """Every figure of SplitEvaluation for these images of split `split`, with k importance samples each.
+
+    `placement`: the devices each call's images are split over (None: one device).
+    """
     if k < 1:
         raise UsageError(f"--k must be at least 1, got {k}")
     started = time.perf_counter()
@@ -226,23 +248,31 @@ def evaluate_images(
     targets = evaluation_targets(run.config, images_uint8, split, seed)
     count = targets.shape[0]
     images_per_call, samples_per_step, steps = call_shape(k, model.num_values * model.likelihood.params_per_value)
-    images_per_call = min(images_per_call, count)
+    # Each device takes the images one device would, with the same samples per step: the same memory per
+    # device, and each image's weights summed in the same order. Padded to a multiple of the device count.
+    images_per_call = rows_for_devices(min(images_per_call * device_count(placement), count), placement)
     padded = jnp.concatenate([targets, jnp.zeros((-count % images_per_call, targets.shape[1]), targets.dtype)])
     seed_key = sampling_key(seed, IMPORTANCE_SAMPLE_STREAM)
+    if placement is not None:
+        model = placement.replicate(model)
     totals = _Totals(model.latent_dim)
     for first in range(0, count, images_per_call):
         indices = jnp.arange(first, first + images_per_call)
-        statistics = _batch_statistics(
-            model, padded[first : first + images_per_call], indices, seed_key, k, samples_per_step, steps
-        )
+        batch = padded[first : first + images_per_call]
+        if placement is not None:
+            batch, indices = placement.place_batch((batch, indices))
+        statistics = _batch_statistics(model, batch, indices, seed_key, k, samples_per_step, steps, placement)
         kept = min(images_per_call, count - first)
         totals.add(*(np.asarray(array)[:kept] for array in statistics))
         if on_progress:
             on_progress(first + kept, count)
-    return summarize(run.config, totals, split, k, seed, model.num_values, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return summarize(run.config, totals, split, k, seed, model.num_values, seconds, device_count(placement))
 
 
-def summarize(config: Config, totals: _Totals, split: str, k: int, seed: int, num_values: int, seconds: float):
+def summarize(
+    config: Config, totals: _Totals, split: str, k: int, seed: int, num_values: int, seconds: float, devices: int
+):
     """SplitEvaluation from the running sums."""
     count = totals.count
     nll = -totals.log_px / count
@@ -269,6 +299,7 @@ def summarize(config: Config, totals: _Totals, split: str, k: int, seed: int, nu
         is_likelihood=is_likelihood,
         seed=seed,
         seconds=seconds,
+        devices=devices,
     )
 
 
@@ -280,13 +311,15 @@ def evaluate_split(
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SplitEvaluation:
-    """evaluate_images() on split `split` of the run's dataset (its first `max_images` when given)."""
+    """evaluate_images() on split `split` of the run's dataset (its first `max_images` when given), its images
+    split over the run's devices (vaecli.sample.inference_placement)."""
     if max_images is not None and max_images < 1:
         raise UsageError(f"--images must be at least 1, got {max_images}")
     images = load_dataset(run.config.data).split(split)
     if len(images) == 0:
         raise UsageError(f"the {split} split of {run.dataset_name} is empty; choose another --split")
-    evaluation = evaluate_images(run, np.asarray(images[:max_images]), split, k, seed, on_progress)
+    placement = inference_placement(run.config)
+    evaluation = evaluate_images(run, np.asarray(images[:max_images]), split, k, seed, on_progress, placement)
     weights = "moving average (train.ema)" if run.config.train.ema is not None else "trained weights"
     return SplitEvaluation(**{**evaluation.__dict__, "extra": {"weights": weights, "step": run.step}})
 

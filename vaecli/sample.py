@@ -7,6 +7,10 @@ mean of p(x|z) (each pixel's probability, or the logistic mixture's expected lev
 A model here is a Flax VAE (vaecli.model) or its weights as an InferenceModel (vaecli.inference): both
 are pytrees, which the compiled functions take as an argument, and both give the same numbers. Nothing
 here imports Flax, so that generate and reconstruct can start without it.
+
+On several devices (inference_placement) each batch is split over them and the weights replicated; since every
+draw is keyed by an index, the images are those of one device to float rounding. One device is left exactly as
+it was: no mesh, no sharding annotation (see vaecli.devices.Placement.jit_options), not even that module's import.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from vaecli.inference import InferenceModel, bernoulli_draw, intensities, latent
 
 if TYPE_CHECKING:
     from vaecli.checkpoint import LoadedRun
+    from vaecli.devices import Placement
     from vaecli.inference_run import InferenceRun
     from vaecli.model import VAE
 
@@ -71,6 +76,35 @@ def seed_operand(seed: int) -> np.uint32:
     return np.uint32(seed)
 
 
+def inference_placement(config: Config) -> Placement | None:
+    """The devices generate, reconstruct and evaluate split their batches over: the run's train.devices (null:
+    all of this process's), or as many as are here when fewer are; None for one device, which runs as before."""
+    available = jax.local_device_count()
+    count = min(config.train.devices or available, available)
+    if count == 1:
+        return None  # vaecli.devices' import and a mesh are work that one device does not need
+    from vaecli.devices import placement_over
+
+    return placement_over(count)
+
+
+def device_count(placement: Placement | None) -> int:
+    """How many devices `placement` spans (None: one)."""
+    return 1 if placement is None else placement.count
+
+
+def rows_for_devices(rows: int, placement: Placement | None) -> int:
+    """`rows` rounded up to a multiple of the device count, so that every batch splits evenly: the extra rows
+    are padding, computed and dropped (rather than the whole batch run on every device). Each row's draws
+    depend on its index alone, so padding changes none of the real rows."""
+    return -(-rows // device_count(placement)) * device_count(placement)
+
+
+def split_rows(batch: jax.Array, placement: Placement | None) -> jax.Array:
+    """Inside a compiled function: `batch` split by its first axis over the devices (None: left alone)."""
+    return batch if placement is None else placement.shard_batch(batch)
+
+
 def encoder_sees_binary(config: Config) -> bool:
     """Whether the encoder was trained on binary pixels (data.binarize dynamic or static)."""
     return config.data.binarize != "none"
@@ -81,12 +115,12 @@ def _per_index_normal(seed_key: jax.Array, indices: jax.Array, shape: tuple[int,
     return jax.vmap(lambda index: jax.random.normal(jax.random.fold_in(seed_key, index), shape))(indices)
 
 
-@partial(jax.jit, static_argnames=("batch_size",))
-def _decode_prior_batch(model, seed, first_index, temperature, batch_size):
-    indices = first_index + jnp.arange(batch_size)
+@partial(jax.jit, static_argnames=("batch_size", "placement"))
+def _decode_prior_batch(model, seed, first_index, temperature, batch_size, placement=None):
+    indices = split_rows(first_index + jnp.arange(batch_size), placement)
     seed_key = sampling_key(seed)
     latents = temperature * _per_index_normal(seed_key, indices, (model.latent_dim,))
-    return model.decode_images(latents, pixel_keys(seed_key, indices))
+    return split_rows(model.decode_images(latents, pixel_keys(seed_key, indices)), placement)
 
 
 def check_temperature(temperature: float) -> None:
@@ -96,23 +130,29 @@ def check_temperature(temperature: float) -> None:
 
 
 def generate_batches(
-    model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0
+    model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0, placement: Placement | None = None
 ) -> Iterator[np.ndarray]:
-    """generate() a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]), for bounded memory."""
+    """generate() a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]), for bounded memory.
+
+    `placement`: the devices each batch of codes is split over (None: one device)."""
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     check_temperature(temperature)
-    batch_size = min(n, DECODE_BATCH_SIZE)
+    batch_size = rows_for_devices(min(n, DECODE_BATCH_SIZE), placement)
+    if placement is not None:
+        model = placement.replicate(model)
     for first in range(0, n, batch_size):
-        means = _decode_prior_batch(model, seed_operand(seed), first, temperature, batch_size)
+        means = _decode_prior_batch(model, seed_operand(seed), first, temperature, batch_size, placement)
         count = min(batch_size, n - first)
         # Sliced on the host: slicing the device array would run (and compile) one more program.
         yield np.asarray(means)[:count].reshape(count, *model.image_shape)
 
 
-def generate(model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+def generate(
+    model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0, placement: Placement | None = None
+) -> np.ndarray:
     """n images decoded from z ~ N(0, temperature^2 I): means of p(x|z), float32 [n, *image_shape] in [0, 1]."""
-    return np.concatenate(list(generate_batches(model, n, seed, temperature)))
+    return np.concatenate(list(generate_batches(model, n, seed, temperature, placement)))
 
 
 @partial(jax.jit, static_argnames=("binarized",))
@@ -133,11 +173,11 @@ def model_views(images_uint8: jax.Array, binarized: bool, seed_key: jax.Array, f
     return draws.astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("binarized", "num_samples", "use_mean"))
-def _reconstruct_batch(model, images_uint8, binarized, seed, first_index, num_samples, use_mean):
+@partial(jax.jit, static_argnames=("binarized", "num_samples", "use_mean", "placement"))
+def _reconstruct_batch(model, images_uint8, binarized, seed, first_index, num_samples, use_mean, placement=None):
     """(what the encoder saw, [batch, values]; the decoded means, [batch * num_samples, values])."""
     seed_key = sampling_key(seed)
-    views = model_views(images_uint8, binarized, seed_key, first_index)
+    views = model_views(split_rows(images_uint8, placement), binarized, seed_key, first_index)
     posterior_mean, posterior_log_variance = model.encode(views)
     if use_mean:
         latents = jnp.repeat(posterior_mean[:, None, :], num_samples, axis=1)
@@ -150,7 +190,8 @@ def _reconstruct_batch(model, images_uint8, binarized, seed, first_index, num_sa
     # Draw k of input i (autoregressive models) is keyed by its flat index, the same whatever the batching.
     output_indices = (first_index + jnp.arange(views.shape[0]))[:, None] * num_samples + jnp.arange(num_samples)
     row_keys = pixel_keys(seed_key, output_indices.reshape(-1))
-    return views, model.decode_images(latents.reshape(-1, model.latent_dim), row_keys)
+    means = model.decode_images(latents.reshape(-1, model.latent_dim), row_keys)
+    return split_rows(views, placement), split_rows(means, placement)
 
 
 def reconstruct(
@@ -160,24 +201,28 @@ def reconstruct(
     num_samples: int = 1,
     seed: int = 0,
     use_mean: bool = False,
+    placement: Placement | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode K draws z ~ q(z|x) per image (or the posterior mean K times).
 
     Returns (what the encoder saw, float32 [N, *image_shape]; the decoded means, float32 [N, K, *image_shape]).
     `binarized`: the model was trained on binary pixels, so it sees a Bernoulli draw of each image.
+    `placement`: the devices each batch of images is split over (None: one device).
     """
     if num_samples < 1:
         raise UsageError(f"--samples must be at least 1, got {num_samples}")
     if tuple(images_uint8.shape[1:]) != model.image_shape:
         raise UsageError(f"images of shape {images_uint8.shape[1:]} given to a model of {model.image_shape}")
     count = len(images_uint8)
-    batch_size = min(count, max(1, DECODE_BATCH_SIZE // num_samples))
+    batch_size = rows_for_devices(min(count, max(1, DECODE_BATCH_SIZE // num_samples)), placement)
     padded = np.concatenate([images_uint8, np.zeros((-count % batch_size, *model.image_shape), np.uint8)])
+    if placement is not None:
+        model = placement.replicate(model)
     views, means = [], []
     for first in range(0, count, batch_size):
         batch = padded[first : first + batch_size]
         batch_views, batch_means = _reconstruct_batch(
-            model, batch, binarized, seed_operand(seed), first, num_samples, use_mean
+            model, batch, binarized, seed_operand(seed), first, num_samples, use_mean, placement
         )
         views.append(np.asarray(batch_views))
         means.append(np.asarray(batch_means))
@@ -190,15 +235,22 @@ def reconstruct(
 RECONSTRUCT_DEFAULT_COUNT = 16
 
 
-def save_prior_samples(out: Path, model: VAE | InferenceModel, n: int, seed: int, temperature: float) -> Path:
+def save_prior_samples(
+    out: Path,
+    model: VAE | InferenceModel,
+    n: int,
+    seed: int,
+    temperature: float,
+    placement: Placement | None = None,
+) -> Path:
     """generate() and write a grid PNG, or an .npz holding `samples` [n, H, W] float32.
 
     The .npz is written a batch at a time, so any --n fits in memory.
     """
     if out.suffix.lower() == ".npz":
-        batches = generate_batches(model, n, seed, temperature)
+        batches = generate_batches(model, n, seed, temperature, placement)
         return save_npz_streamed(out, "samples", (n, *model.image_shape), np.float32, batches)
-    return save_png(out, make_grid(generate(model, n, seed, temperature)))
+    return save_png(out, make_grid(generate(model, n, seed, temperature, placement)))
 
 
 def model_inputs(run: LoadedRun | InferenceRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
@@ -216,7 +268,8 @@ def save_reconstructions(
     """reconstruct() the inputs (or test images) and write the figure PNG or an .npz; returns the source phrase."""
     images_uint8, source = model_inputs(run, input_paths)
     binarized = encoder_sees_binary(run.config)
-    inputs, reconstructions = reconstruct(run.model, images_uint8, binarized, num_samples, seed, use_mean)
+    placement = inference_placement(run.config)
+    inputs, reconstructions = reconstruct(run.model, images_uint8, binarized, num_samples, seed, use_mean, placement)
     if out.suffix.lower() == ".npz":
         save_npz(out, inputs=inputs, reconstructions=reconstructions)
     else:

@@ -30,14 +30,18 @@ from vaecli.rundir import SAMPLER_SUBDIR
 from vaecli.sample import (
     DECODE_BATCH_SIZE,
     check_temperature,
+    inference_placement,
     pixel_keys,
+    rows_for_devices,
     sampling_key,
     save_prior_samples,
     seed_operand,
+    split_rows,
 )
 
 if TYPE_CHECKING:
     from vaecli.checkpoint import LoadedRun
+    from vaecli.devices import Placement
     from vaecli.inference import InferenceModel
     from vaecli.inference_run import InferenceRun
     from vaecli.model import VAE
@@ -189,37 +193,51 @@ def mixture_latents(mixture: GaussianMixture, n: int, seed: int = 0, temperature
     return np.asarray(_mixture_latents_jit(seed_operand(seed), device_mixture(mixture), temperature, n))
 
 
-@partial(jax.jit, static_argnames=("batch_size",))
-def _decode_mixture_batch(model, seed, first_index, mixture_arrays, temperature, batch_size):
-    indices = first_index + jnp.arange(batch_size)
+@partial(jax.jit, static_argnames=("batch_size", "placement"))
+def _decode_mixture_batch(model, seed, first_index, mixture_arrays, temperature, batch_size, placement=None):
+    indices = split_rows(first_index + jnp.arange(batch_size), placement)
     seed_key = sampling_key(seed, MIXTURE_SAMPLING_STREAM)
     latents = _mixture_latents(seed_key, indices, *mixture_arrays, temperature)
-    return model.decode_images(latents, pixel_keys(seed_key, indices))
+    return split_rows(model.decode_images(latents, pixel_keys(seed_key, indices)), placement)
 
 
 def mixture_sample_batches(
-    model: VAE | InferenceModel, mixture: GaussianMixture, n: int, seed: int = 0, temperature: float = 1.0
+    model: VAE | InferenceModel,
+    mixture: GaussianMixture,
+    n: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    placement: Placement | None = None,
 ) -> Iterator[np.ndarray]:
     """Images decoded from z drawn from the mixture, a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]).
 
-    Image i comes from fold_in(key, i), so it is the same whatever n is.
+    Image i comes from fold_in(key, i), so it is the same whatever n is, or the devices (`placement`) it is split over.
     """
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     check_temperature(temperature)
     mixture_arrays = device_mixture(mixture)
-    batch_size = min(n, DECODE_BATCH_SIZE)
+    batch_size = rows_for_devices(min(n, DECODE_BATCH_SIZE), placement)
+    if placement is not None:
+        model, mixture_arrays = placement.replicate((model, mixture_arrays))
     for first in range(0, n, batch_size):
-        means = _decode_mixture_batch(model, seed_operand(seed), first, mixture_arrays, temperature, batch_size)
+        means = _decode_mixture_batch(
+            model, seed_operand(seed), first, mixture_arrays, temperature, batch_size, placement
+        )
         count = min(batch_size, n - first)
         yield np.asarray(means)[:count].reshape(count, *model.image_shape)  # sliced on the host, as in sample.py
 
 
 def mixture_samples(
-    model: VAE | InferenceModel, mixture: GaussianMixture, n: int, seed: int = 0, temperature: float = 1.0
+    model: VAE | InferenceModel,
+    mixture: GaussianMixture,
+    n: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    placement: Placement | None = None,
 ):
     """n images float32 [n, *image_shape] decoded (means of p(x|z)) from z drawn from the mixture."""
-    return np.concatenate(list(mixture_sample_batches(model, mixture, n, seed, temperature)))
+    return np.concatenate(list(mixture_sample_batches(model, mixture, n, seed, temperature, placement)))
 
 
 def save_mixture_samples(
@@ -230,11 +248,12 @@ def save_mixture_samples(
         raise UsageError(f"--n must be at least 1, got {n}")
     check_temperature(temperature)  # before a fit is made and cached for nothing
     fit = run_mixture(run, components)
+    placement = inference_placement(run.config)
     if out.suffix.lower() == ".npz":
-        batches = mixture_sample_batches(run.model, fit.mixture, n, seed, temperature)
+        batches = mixture_sample_batches(run.model, fit.mixture, n, seed, temperature, placement)
         save_npz_streamed(out, "samples", (n, *run.model.image_shape), np.float32, batches)
     else:
-        save_png(out, make_grid(mixture_samples(run.model, fit.mixture, n, seed, temperature)))
+        save_png(out, make_grid(mixture_samples(run.model, fit.mixture, n, seed, temperature, placement)))
     return fit
 
 
@@ -244,7 +263,7 @@ def save_samples(
     """`vae generate`: n images from `sampler` written to `out` (a PNG grid or .npz); returns where z came from."""
     check_sampler(sampler, components)
     if sampler == "prior":
-        save_prior_samples(out, run.model, n, seed, temperature)
+        save_prior_samples(out, run.model, n, seed, temperature, inference_placement(run.config))
         return f"the prior z ~ N(0, {temperature:g}^2 I)"
     fit = save_mixture_samples(out, run, n, seed, temperature, components)
     how = "fitted now and cached in" if fit.fitted_now else "cached in"
