@@ -164,3 +164,18 @@ def test_an_unreachable_coordinator_is_one_line_after_the_timeout(tmp_path):
     assert_one_line_error(result, 1, f"cannot reach the coordinator {flags[1]} within 1 s")
     assert time.monotonic() - started < 30
     assert not (tmp_path / "run").exists()
+
+
+def test_a_process_that_cannot_start_stops_the_others_with_one_line(tiny_config_file, tmp_path):
+    """Process 0 alone refuses to start (--out already holds a run): process 1 is told so in one line, instead of
+    waiting in the first step's collectives for a process that has left, and the old run is untouched."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    outcomes = train_in_processes(["--config", tiny_config_file, "--out", "run"], tmp_path)
+    (first_code, _, first_stderr), (second_code, _, second_stderr) = outcomes
+    first_lines = [line for line in first_stderr.splitlines() if line.strip()]
+    second_lines = [line for line in second_stderr.splitlines() if line.strip()]
+    assert first_code == 1 and len(first_lines) == 1 and "already holds a run" in first_lines[0], first_stderr
+    assert second_code == 1 and len(second_lines) == 1, second_stderr
+    assert "process 0 could not start the run (its own error says why); this process stops too" in second_lines[0]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"

@@ -159,6 +159,36 @@ def wait_for_all_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def started_together(prepare: Callable[[], Any]) -> Any:
+    """prepare() (this process's part of starting a run: loading the data, taking the run's lock), then agreement
+    that every process's part succeeded, before the first step's collectives.
+
+    A process whose part raised tells the others before its error goes on; they stop with one line naming it,
+    instead of each waiting in a collective for a process that has left (or dying on a transport error). Every
+    process must call this once, at the same point, with no collective inside `prepare`.
+    """
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+
+    def failed_processes(failed: bool) -> list[int]:
+        flags = multihost_utils.process_allgather(np.asarray(failed, np.int32))
+        return [int(index) for index in np.flatnonzero(flags)]
+
+    try:
+        prepared = prepare()
+    except BaseException:
+        failed_processes(True)
+        raise
+    failed = failed_processes(False)
+    if failed:
+        names = ", ".join(map(str, failed))
+        raise ProcessesError(
+            f"process {names} could not start the run (its own error says why); this process stops too"
+        )
+    return prepared
+
+
 def local_devices() -> list[jax.Device]:
     """The devices this process drives (all of them in a single-process run)."""
     return jax.local_devices()

@@ -47,7 +47,7 @@ from vaecli.config import Config, apply_override, config_from_dict, config_to_ya
 from vaecli.curves import write_curves
 from vaecli.data import Dataset, load_dataset, resolved_data_dir
 from vaecli.data.download import DownloadProgress
-from vaecli.devices import agreed_by_all_processes, is_primary, wait_for_all_processes
+from vaecli.devices import agreed_by_all_processes, is_primary, started_together, wait_for_all_processes
 from vaecli.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingError, VaeError
 from vaecli.files import ensure_directory, write_atomically, write_text_atomically
 from vaecli.images import make_grid, reconstruction_figure, save_png
@@ -203,16 +203,21 @@ def agreed_hooks(hooks: RunHooks) -> RunHooks:
 
 def train_run(config: Config, run_dir: Path, overwrite: bool = False, hooks: RunHooks = RunHooks()) -> RunResult:
     """Start a run: load the data, then train, writing metrics, pictures and a checkpoint every epoch."""
-    hooks = agreed_hooks(hooks)
-    dataset = load_run_data(config, hooks)  # before the run directory is touched
-    config = with_data_dir_recorded(config)
-    if not is_primary():
-        return continue_training(config, dataset, Path(run_dir), None, hooks)
-    # Locked before an old run in it is replaced, and held until every output is on disk.
-    with RunLock(create_run_dir(run_dir)):
-        run_dir = prepare_run_dir(run_dir, overwrite)
-        write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
-        return continue_training(config, dataset, run_dir, None, hooks)
+    with contextlib.ExitStack() as held:
+
+        def prepare() -> tuple[Config, Dataset, Path]:
+            dataset = load_run_data(config, hooks)  # before the run directory is touched
+            recorded = with_data_dir_recorded(config)
+            if not is_primary():
+                return recorded, dataset, Path(run_dir)
+            # Locked before an old run in it is replaced, and held until every output is on disk.
+            held.enter_context(RunLock(create_run_dir(run_dir)))
+            prepared_dir = prepare_run_dir(run_dir, overwrite)
+            write_text_atomically(prepared_dir / "config.yaml", config_to_yaml(recorded))
+            return recorded, dataset, prepared_dir
+
+        recorded, dataset, prepared_dir = started_together(prepare)
+        return continue_training(recorded, dataset, prepared_dir, None, agreed_hooks(hooks))
 
 
 # Settings a resumed run may change: none alters the trajectory of the weights (train.devices only in float
@@ -256,19 +261,23 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def resume_run(run_dir: Path, overrides: list[str] | None = None, hooks: RunHooks = RunHooks()) -> RunResult:
     """Continue a run from its newest checkpoint, with its saved config: the weights come out as if never stopped."""
     run_dir = Path(run_dir)
-    hooks = agreed_hooks(hooks)
-    if not (run_dir / CHECKPOINT_SUBDIR).is_dir():
-        read_latest_meta(run_dir)  # says what is missing, leaving no lock file in a folder that holds no run
-    if not is_primary():  # process 0 holds the lock for the whole run
-        return resume_locked_run(run_dir, overrides or [], hooks)
-    # Locked before its newest checkpoint is read (a trainer still writing it would make that a moving target)
-    # and held until every output is on disk.
-    with RunLock(run_dir):
-        return resume_locked_run(run_dir, overrides or [], hooks)
+    with contextlib.ExitStack() as held:
+
+        def prepare() -> tuple[Config, Dataset, TrainState]:
+            if not (run_dir / CHECKPOINT_SUBDIR).is_dir():
+                read_latest_meta(run_dir)  # says what is missing, leaving no lock file in a folder that holds no run
+            if is_primary():  # process 0 holds the lock for the whole run
+                # Locked before its newest checkpoint is read (a trainer still writing it would make that a moving
+                # target) and held until every output is on disk.
+                held.enter_context(RunLock(run_dir))
+            return resume_locked_run(run_dir, overrides or [], hooks)
+
+        config, dataset, state = started_together(prepare)
+        return continue_training(config, dataset, run_dir, state, agreed_hooks(hooks))
 
 
-def resume_locked_run(run_dir: Path, overrides: list[str], hooks: RunHooks) -> RunResult:
-    """resume_run, once the run's lock is held."""
+def resume_locked_run(run_dir: Path, overrides: list[str], hooks: RunHooks) -> tuple[Config, Dataset, TrainState]:
+    """resume_run's preparation, once the run's lock is held: the config to go on with, the data, the saved state."""
     meta = read_latest_meta(run_dir)
     if meta["prng_impl"] != PRNG_IMPL:
         raise CheckpointError(
@@ -288,7 +297,7 @@ def resume_locked_run(run_dir: Path, overrides: list[str], hooks: RunHooks) -> R
     if is_primary():
         keep_metrics_up_to(run_dir, completed_epochs)
         write_text_atomically(run_dir / "config.yaml", config_to_yaml(config))
-    return continue_training(config, dataset, run_dir, state, hooks)
+    return config, dataset, state
 
 
 def check_same_data(run_dir: Path, meta: dict, dataset: Dataset) -> None:
