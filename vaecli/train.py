@@ -56,6 +56,10 @@ EVAL_BATCH_SIZE = 1000
 # arrives several times a second. The steps an epoch has left after its whole chunks run as one
 # shorter chunk, compiled for its own length.
 STEPS_PER_CHUNK = 64
+# Steps per iteration of that scan's loop. Two let XLA run the next step's gather and binarization, which need
+# no weights, in the gaps where the step before waits on its Adam updates: on the reference MLP, 5% faster
+# per step (2 CPU cores, median of 30 paired chunks); 4 gained no more.
+STEP_UNROLL = 2
 # Philox (one of JAX's own PRNG implementations) draws bits about 4x faster than the default
 # threefry on a CPU, and dynamic binarization draws one number per pixel per step.
 PRNG_IMPL = "philox2x32"
@@ -290,7 +294,7 @@ def make_train_chunk(
         if steps == 1:  # no loop around a lone step: see steps_per_chunk_for on convolutions inside loops
             state, loss = one_step(state, first_step)
             return state, loss[None]
-        return jax.lax.scan(one_step, state, first_step + jnp.arange(steps))
+        return jax.lax.scan(one_step, state, first_step + jnp.arange(steps), unroll=STEP_UNROLL)
 
     # The old state is donated: its buffers are reused for the new one instead of copied.
     return jax.jit(
