@@ -87,6 +87,21 @@ def test_another_process_holding_the_run_is_named(run_dir, lock_holder):
     assert snapshot(run_dir) == before
 
 
+def test_a_refused_trainer_is_told_before_it_loads_any_data(run_dir, monkeypatch):
+    """Loading may mean a download of minutes: a run it may not replace, or another trainer's, is refused first."""
+
+    def loading(*arguments):
+        raise AssertionError("the data was loaded before the refusal")
+
+    monkeypatch.setattr("vaecli.run.load_run_data", loading)
+    before = snapshot(run_dir)
+    with pytest.raises(OutputError, match="already holds a run"):
+        train_run(ONE_EPOCH, run_dir)  # without overwrite
+    with RunLock(run_dir), pytest.raises(OutputError, match=refusal_pattern(os.getpid())):
+        train_run(ONE_EPOCH, run_dir, overwrite=True)
+    assert snapshot(run_dir) == before
+
+
 def test_the_cli_refuses_in_one_line(run_dir):
     with RunLock(run_dir):
         held = snapshot(run_dir)

@@ -91,15 +91,21 @@ def create_run_dir(run_dir: Path) -> Path:
     return ensure_directory(run_dir)
 
 
+def refuse_replacing(run_dir: Path, overwrite: bool) -> list[str]:
+    """The previous run's outputs in `run_dir`; OutputError when there are some and `overwrite` is not set."""
+    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{run_dir} already holds a run ({existing[0]}); pass --overwrite or choose another --out")
+    return existing
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     """Empty the (locked) run directory of a previous run's outputs, only when `overwrite` is set.
 
     Only RUN_OUTPUTS go: the lock file, held by the caller, stays.
     """
     run_dir = create_run_dir(run_dir)
-    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise OutputError(f"{run_dir} already holds a run ({existing[0]}); pass --overwrite or choose another --out")
+    existing = refuse_replacing(run_dir, overwrite)
     for name in existing:
         target = run_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -206,12 +212,17 @@ def train_run(config: Config, run_dir: Path, overwrite: bool = False, hooks: Run
     with contextlib.ExitStack() as held:
 
         def prepare() -> tuple[Config, Dataset, Path]:
-            dataset = load_run_data(config, hooks)  # before the run directory is touched
+            locked = is_primary() and Path(run_dir).is_dir()
+            if locked:  # a run there that this one may not replace, or its trainer, is refused before any download
+                held.enter_context(RunLock(run_dir))
+                refuse_replacing(Path(run_dir), overwrite)
+            dataset = load_run_data(config, hooks)  # before the run directory is changed
             recorded = with_data_dir_recorded(config)
             if not is_primary():
                 return recorded, dataset, Path(run_dir)
-            # Locked before an old run in it is replaced, and held until every output is on disk.
-            held.enter_context(RunLock(create_run_dir(run_dir)))
+            if not locked:
+                # Locked before an old run in it is replaced, and held until every output is on disk.
+                held.enter_context(RunLock(create_run_dir(run_dir)))
             prepared_dir = prepare_run_dir(run_dir, overwrite)
             write_text_atomically(prepared_dir / "config.yaml", config_to_yaml(recorded))
             return recorded, dataset, prepared_dir
