@@ -36,6 +36,7 @@ def test_the_table_says_when_no_gpu_took_part_and_what_was_extrapolated():
         "vae_train_epoch_seconds": 4.455,
         "vae_train_logged_epoch_seconds_median": 4.1,
         "vae_train_speedup_over_straightforward": 1.62,
+        "vae_train_speedup_over_straightforward_of_rounds_median": 1.581,
         "vae_train_peak_rss_bytes": 700 * 2**20,
         "conv_images_per_second": 40.04,
         "evaluate_k5000_images_per_second": 12.5,
@@ -43,7 +44,8 @@ def test_the_table_says_when_no_gpu_took_part_and_what_was_extrapolated():
     }
     rows = dict(end_to_end_rows(figures))
     assert rows["vae train, whole epochs (reference MLP, 55,000 images)"] == "12,346 images/s, 4.46 s"
-    assert rows["  per image, over the straightforward loop's training"] == "1.62x (target 1.5x)"
+    row = "  per image, over the straightforward loop's training (of the medians; round by round)"
+    assert rows[row] == "1.62x; 1.58x (target 1.5x)"
     assert rows[f"  all 10,000 test images, extrapolated from the first {EVALUATED_IMAGES}"] == "800 s"
     assert rows["  vae train peak RSS"] == "700 MiB"
 
