@@ -160,10 +160,12 @@ def weights_copied_in_the_compiled_chunk(only_weights: bool = True) -> list[str]
     return [shape for shape in ARRAY_COPY.findall(compiled) if shape in weight_shapes or not only_weights]
 
 
-def test_the_compiled_training_chunk_copies_no_weights():
+@pytest.mark.parametrize("steps_per_chunk", [4, 64])  # 4 steps: a whole chunk (unrolled); of 64, a tail (not)
+def test_the_compiled_training_chunk_copies_no_weights(monkeypatch, steps_per_chunk):
     """Copies inside the scan cost a memory pass per step: the compiler options remove the weights' copies
     (made even with no lax.cond in the scan), and decoding a single sample without its axis of one the
     activations' transposed copies."""
+    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", steps_per_chunk)
     assert weights_copied_in_the_compiled_chunk(only_weights=False) == []
 
 
