@@ -16,7 +16,7 @@ it was: no mesh, no sharding annotation (see vaecli.devices.Placement.jit_option
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +129,19 @@ def check_temperature(temperature: float) -> None:
         raise UsageError(f"--temperature must be a positive number, got {temperature}")
 
 
+def decoded_batches(
+    image_shape: tuple[int, ...], n: int, placement: Placement | None, decode_batch: Callable[[int, int], jax.Array]
+) -> Iterator[np.ndarray]:
+    """n images a batch at a time, float32 [<= batch, *image_shape]: decode_batch(first_index, batch_size) decodes
+    rows first_index ... of a batch of DECODE_BATCH_SIZE (or n) rows, padded to split evenly over `placement`."""
+    batch_size = rows_for_devices(min(n, DECODE_BATCH_SIZE), placement)
+    for first in range(0, n, batch_size):
+        means = decode_batch(first, batch_size)
+        count = min(batch_size, n - first)
+        # Sliced on the host: slicing the device array would run (and compile) one more program.
+        yield np.asarray(means)[:count].reshape(count, *image_shape)
+
+
 def generate_batches(
     model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0, placement: Placement | None = None
 ) -> Iterator[np.ndarray]:
@@ -138,14 +151,13 @@ def generate_batches(
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     check_temperature(temperature)
-    batch_size = rows_for_devices(min(n, DECODE_BATCH_SIZE), placement)
     if placement is not None:
         model = placement.replicate(model)
-    for first in range(0, n, batch_size):
-        means = _decode_prior_batch(model, seed_operand(seed), first, temperature, batch_size, placement)
-        count = min(batch_size, n - first)
-        # Sliced on the host: slicing the device array would run (and compile) one more program.
-        yield np.asarray(means)[:count].reshape(count, *model.image_shape)
+
+    def decode_batch(first: int, batch_size: int) -> jax.Array:
+        return _decode_prior_batch(model, seed_operand(seed), first, temperature, batch_size, placement)
+
+    yield from decoded_batches(model.image_shape, n, placement, decode_batch)
 
 
 def generate(

@@ -28,11 +28,10 @@ from vaecli.errors import UsageError
 from vaecli.images import make_grid, save_npz, save_npz_streamed, save_png
 from vaecli.rundir import SAMPLER_SUBDIR
 from vaecli.sample import (
-    DECODE_BATCH_SIZE,
     check_temperature,
+    decoded_batches,
     inference_placement,
     pixel_keys,
-    rows_for_devices,
     sampling_key,
     save_prior_samples,
     seed_operand,
@@ -217,15 +216,15 @@ def mixture_sample_batches(
         raise UsageError(f"--n must be at least 1, got {n}")
     check_temperature(temperature)
     mixture_arrays = device_mixture(mixture)
-    batch_size = rows_for_devices(min(n, DECODE_BATCH_SIZE), placement)
     if placement is not None:
         model, mixture_arrays = placement.replicate((model, mixture_arrays))
-    for first in range(0, n, batch_size):
-        means = _decode_mixture_batch(
+
+    def decode_batch(first: int, batch_size: int) -> jax.Array:
+        return _decode_mixture_batch(
             model, seed_operand(seed), first, mixture_arrays, temperature, batch_size, placement
         )
-        count = min(batch_size, n - first)
-        yield np.asarray(means)[:count].reshape(count, *model.image_shape)  # sliced on the host, as in sample.py
+
+    yield from decoded_batches(model.image_shape, n, placement, decode_batch)
 
 
 def mixture_samples(
