@@ -27,6 +27,7 @@ alone writes the run (is_primary); what it saves and draws from works on its own
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import time
@@ -178,7 +179,9 @@ def started_together(prepare: Callable[[], Any]) -> Any:
     try:
         prepared = prepare()
     except BaseException:
-        failed_processes(True)
+        # Telling the others must not replace this process's own error (the one its user needs) with a transport one.
+        with contextlib.suppress(Exception):
+            failed_processes(True)
         raise
     failed = failed_processes(False)
     if failed:
