@@ -391,13 +391,19 @@ def epoch_line_times(command: list[str], environment: dict[str, str], metrics: P
     return line_times, peak
 
 
-def user_training_figures(workdir: Path, epochs: int) -> dict[str, float]:
-    """Wall seconds per epoch of `vae train` on the reference MLP and 60,000 random MNIST-shaped images, with all
-    an epoch does (validation, checkpoint, pictures, TensorBoard events): the time from one epoch's line in
-    metrics.jsonl to the next, so start-up, data loading and compiling (all before the first line) stay out."""
+def write_reference_config(workdir: Path) -> Path:
+    """The reference MLP's config, training on MNIST's IDX files of random pixels written in workdir."""
     data = {**REFERENCE_SETTINGS["data"], "name": "mnist", "dir": str(write_random_mnist(workdir / "random-mnist"))}
     config_path = workdir / "reference.yaml"
     config_path.write_text(config_to_yaml(validate_config({**REFERENCE_SETTINGS, "data": data}, "reference MLP")))
+    return config_path
+
+
+def user_training_figures(workdir: Path, config_path: Path, epochs: int) -> dict[str, float]:
+    """Wall seconds per epoch of `vae train --config config_path` (the reference MLP on 60,000 random MNIST-shaped
+    images), with all an epoch does (validation, checkpoint, pictures, TensorBoard events): the time from one
+    epoch's line in metrics.jsonl to the next, so start-up, data loading and compiling (all before the first line)
+    stay out."""
     environment = dict(os.environ, XDG_CACHE_HOME=str(workdir / "user-cache"))
     run_dir = workdir / "reference-run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a previous round's metrics.jsonl would be read as this one's
@@ -424,23 +430,26 @@ def whole_epoch_figures(workdir: Path, reference: Config, dataset: Dataset, roun
     Reported: the ratio of the medians over all rounds, and the median of the rounds' own ratios. The last
     round's run stays in workdir/reference-run for evaluate_figures.
     """
-    rounds_figures, straightforward, ratios = [], [], []
+    config_path = write_reference_config(workdir)
+    each_round, straightforward, ratios = [], [], []
     for _ in range(rounds):
         round_straightforward = straightforward_epoch_seconds(reference, dataset, 2)
-        round_figures = user_training_figures(workdir, epochs)
+        user = user_training_figures(workdir, config_path, epochs)
         round_median = statistics.median(round_straightforward)
-        ratios.append(whole_epoch_speedup({"straightforward_epoch_seconds_median": round_median, **round_figures}))
+        ratios.append(whole_epoch_speedup({"straightforward_epoch_seconds_median": round_median, **user}))
         straightforward += round_straightforward
-        rounds_figures.append(round_figures)
-    epoch_seconds = statistics.median(figures["vae_train_epoch_seconds"] for figures in rounds_figures)
+        each_round.append(user)
+
+    def median_of(name: str) -> float:
+        return statistics.median(user[name] for user in each_round)
+
+    epoch_seconds = median_of("vae_train_epoch_seconds")
     figures = {
         "vae_train_epoch_seconds": epoch_seconds,
-        "vae_train_epoch_seconds_all": [figures["vae_train_epoch_seconds"] for figures in rounds_figures],
+        "vae_train_epoch_seconds_all": [user["vae_train_epoch_seconds"] for user in each_round],
         "vae_train_images_per_second": (TRAIN_IMAGES - validation_count(TRAIN_IMAGES)) / epoch_seconds,
-        "vae_train_logged_epoch_seconds_median": statistics.median(
-            figures["vae_train_logged_epoch_seconds_median"] for figures in rounds_figures
-        ),
-        "vae_train_peak_rss_bytes": max(figures["vae_train_peak_rss_bytes"] for figures in rounds_figures),
+        "vae_train_logged_epoch_seconds_median": median_of("vae_train_logged_epoch_seconds_median"),
+        "vae_train_peak_rss_bytes": max(user["vae_train_peak_rss_bytes"] for user in each_round),
         "whole_epoch_straightforward_epoch_seconds_all": straightforward,
         "whole_epoch_straightforward_epoch_seconds_median": statistics.median(straightforward),
         "vae_train_speedup_of_rounds": ratios,
