@@ -1,5 +1,8 @@
 """`make bench`'s pure parts: its offline MNIST files and how its table states the figures (never a timing)."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -8,6 +11,8 @@ from vaecli.bench import (
     data_parallel_rows,
     device_note,
     end_to_end_rows,
+    run_training,
+    whole_epoch_seconds,
     whole_epoch_speedup,
     write_random_mnist,
 )
@@ -26,6 +31,19 @@ def test_the_whole_epoch_speedup_compares_images_per_second_not_epochs():
     """vae train's epochs hold 55,000 images, the straightforward loop's 60,000."""
     figures = {"straightforward_epoch_seconds_median": 10.0, "vae_train_images_per_second": 9000.0}
     assert whole_epoch_speedup(figures) == pytest.approx(1.5)
+
+
+def test_an_epoch_is_timed_from_the_logged_wall_seconds_leaving_out_the_compiling_first():
+    metrics = [{"wall_seconds": 9.0}, {"wall_seconds": 2.0}, {"wall_seconds": 3.0}, {"wall_seconds": 4.0}]
+    assert whole_epoch_seconds(metrics) == pytest.approx(3.0)
+
+
+def test_the_training_run_s_peak_memory_is_sampled_while_it_runs_and_its_failure_raised():
+    """A child that holds 300 MiB for a second, then frees it: the high-water mark still counts it."""
+    holds = "import time; block = bytearray(300 * 2**20); time.sleep(1.0); del block; time.sleep(0.5)"
+    assert run_training([sys.executable, "-c", holds], dict(os.environ)) >= 300 * 2**20
+    with pytest.raises(RuntimeError, match="no such run"):
+        run_training([sys.executable, "-c", "import sys; sys.exit('no such run')"], dict(os.environ))
 
 
 def test_the_table_says_when_no_gpu_took_part_and_what_was_extrapolated():
