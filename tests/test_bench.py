@@ -6,12 +6,14 @@ import sys
 import numpy as np
 import pytest
 
+from vaecli import bench
 from vaecli.bench import (
     EVALUATED_IMAGES,
     data_parallel_rows,
     device_note,
     end_to_end_rows,
     run_training,
+    whole_epoch_figures,
     whole_epoch_seconds,
     whole_epoch_speedup,
     write_random_mnist,
@@ -44,6 +46,30 @@ def test_the_training_run_s_peak_memory_is_sampled_while_it_runs_and_its_failure
     assert run_training([sys.executable, "-c", holds], dict(os.environ)) >= 300 * 2**20
     with pytest.raises(RuntimeError, match="no such run"):
         run_training([sys.executable, "-c", "import sys; sys.exit('no such run')"], dict(os.environ))
+
+
+def test_each_vae_train_run_is_compared_with_the_straightforward_epochs_on_either_side_of_it(tmp_path, monkeypatch):
+    """Blocks of straightforward epochs of 6, 2 and 4 s around two runs at 30,000 images/s: the first run is
+    compared with a median of 4 s (15,000 images/s), the second with 3 s (20,000 images/s)."""
+    blocks = iter([[6.0, 6.0], [2.0, 2.0], [4.0, 4.0]])
+    monkeypatch.setattr(bench, "straightforward_epoch_seconds", lambda config, dataset, epochs: next(blocks))
+    monkeypatch.setattr(bench, "write_reference_config", lambda workdir: workdir / "reference.yaml")
+    runs = iter([1.8, 1.9])
+    monkeypatch.setattr(
+        bench,
+        "user_training_figures",
+        lambda workdir, config_path, epochs: {
+            "vae_train_epoch_seconds": (seconds := next(runs)),
+            "vae_train_images_per_second": 30_000.0,
+            "vae_train_logged_epoch_seconds": seconds - 0.1,
+            "vae_train_peak_rss_bytes": 1,
+        },
+    )
+    figures = whole_epoch_figures(tmp_path, None, None, rounds=2, epochs=4)
+    assert figures["vae_train_speedup_of_rounds"] == pytest.approx([2.0, 1.5])
+    assert figures["whole_epoch_straightforward_epoch_seconds_all"] == [6.0, 6.0, 2.0, 2.0, 4.0, 4.0]
+    assert figures["vae_train_epoch_seconds"] == 1.8  # the faster of the middle two
+    assert figures["vae_train_logged_epoch_seconds"] == pytest.approx(1.7)  # from the same run
 
 
 def test_the_table_says_when_no_gpu_took_part_and_what_was_extrapolated():

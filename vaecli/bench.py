@@ -4,7 +4,7 @@ A script, not part of the library (it prints). Offline: training uses 60,000 ran
 MNIST's shape, since speed does not depend on pixel values. Every figure is printed as a table and
 written to a JSON file (default bench.json).
 
-    python -m vaecli.bench [--out bench.json] [--rounds 3] [--epochs 2]
+    python -m vaecli.bench [--out bench.json] [--rounds 3] [--epochs 2] [--user-rounds 5] [--user-epochs 4]
 """
 
 from __future__ import annotations
@@ -442,23 +442,27 @@ def user_training_figures(workdir: Path, config_path: Path, epochs: int) -> dict
 
 
 def whole_epoch_figures(workdir: Path, reference: Config, dataset: Dataset, rounds: int, epochs: int) -> dict:
-    """`vae train`'s whole epochs against the straightforward loop's, in alternating rounds: in each, two epochs of
-    the straightforward loop (after one that compiles), then a `vae train` process of `epochs` epochs.
+    """`vae train`'s whole epochs against the straightforward loop's, in alternating rounds: two epochs of the
+    straightforward loop (after one that compiles), then a `vae train` process of `epochs` epochs, and so on, with
+    two more straightforward epochs after the last run. Each run is compared with the four straightforward epochs
+    on either side of it.
 
-    This machine's speed was seen to drift by 40% within a minute (5.1 to 7.4 ms per step of the same loop), so
-    figures taken minutes apart compare the machine's moods; each round's ratio compares what ran side by side.
-    Reported: the ratio of the medians over all rounds, and the median of the rounds' own ratios. The last
-    round's run stays in workdir/reference-run for evaluate_figures.
+    This machine's speed was seen to drift by 40% within a minute (5.1 to 7.4 ms per step of the same loop), and
+    a slow spell can cover a whole `vae train` run, so figures taken minutes apart compare the machine's moods;
+    each round's ratio compares what ran side by side. Reported: the ratio of the medians over all rounds, and
+    the median of the rounds' own ratios. The last round's run stays in workdir/reference-run for
+    evaluate_figures.
     """
     config_path = write_reference_config(workdir)
-    each_round, straightforward, ratios = [], [], []
+    each_round, blocks = [], [straightforward_epoch_seconds(reference, dataset, 2)]
     for _ in range(rounds):
-        round_straightforward = straightforward_epoch_seconds(reference, dataset, 2)
-        user = user_training_figures(workdir, config_path, epochs)
-        round_median = statistics.median(round_straightforward)
-        ratios.append(whole_epoch_speedup({"straightforward_epoch_seconds_median": round_median, **user}))
-        straightforward += round_straightforward
-        each_round.append(user)
+        each_round.append(user_training_figures(workdir, config_path, epochs))
+        blocks.append(straightforward_epoch_seconds(reference, dataset, 2))
+    ratios = [
+        whole_epoch_speedup({"straightforward_epoch_seconds_median": statistics.median(before + after), **user})
+        for user, before, after in zip(each_round, blocks[:-1], blocks[1:], strict=True)
+    ]
+    straightforward = [seconds for block in blocks for seconds in block]
 
     # The round of the median whole epoch (the faster of the middle two), so that the part logged and the whole
     # come from one run.
@@ -643,6 +647,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loop and round (after one warm-up)")
     parser.add_argument("--user-epochs", type=int, default=4, help="epochs of the timed `vae train` run (at least 2)")
+    parser.add_argument("--user-rounds", type=int, default=5, help="`vae train` runs, between straightforward epochs")
     arguments = parser.parse_args()
 
     figures: dict = {
@@ -655,7 +660,8 @@ def main() -> None:
     reference = validate_config(REFERENCE_SETTINGS, "reference MLP")
     figures.update(reference_figures(reference, dataset, peak, arguments.rounds, arguments.epochs))
     with tempfile.TemporaryDirectory(prefix="vaecli-bench-") as workdir:
-        figures.update(whole_epoch_figures(Path(workdir), reference, dataset, arguments.rounds, arguments.user_epochs))
+        whole = whole_epoch_figures(Path(workdir), reference, dataset, arguments.user_rounds, arguments.user_epochs)
+        figures.update(whole)
         figures.update(evaluate_figures(Path(workdir) / "reference-run", Path(workdir)))
     mnist_yaml = load_config("mnist.yaml")
     mnist_seconds = vaecli_epoch_seconds(mnist_yaml, dataset, arguments.epochs)
