@@ -132,11 +132,10 @@ def _importance_step(
     `model`: a VAE or an InferenceModel, pytrees both (see vaecli.sample). `placement`: the devices the
     images are split over (None: one device); every per-image array, the running sums among them, stays split.
     """
-    if placement is not None:
-        targets, mean, log_variance, image_keys = (
-            split_rows(array, placement) for array in (targets, mean, log_variance, image_keys)
-        )
-        running = tuple(split_rows(array, placement) for array in running)
+    targets, mean, log_variance, image_keys = (
+        split_rows(array, placement) for array in (targets, mean, log_variance, image_keys)
+    )
+    running = tuple(split_rows(array, placement) for array in running)
     running_max, running_sum, log_likelihood_sum = running
     # Sample j of image i is drawn from fold_in(image key i, j): the same whatever the batching,
     # and the first k' samples of a larger k are those of k'.
