@@ -243,22 +243,41 @@ def peak_rss_bytes(pid: int) -> int:
     return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
 
 
-def run_measured(command: list[str], environment: dict[str, str]) -> tuple[float, int]:
+# How often run_measured samples a child's peak memory: a short command needs a fine grain for its peak to be seen.
+RSS_POLL_SECONDS = 0.005
+# The training run's. Sampling it every 5 ms slowed `vae train`'s steps by 7% (median of 8 paired runs): on 2 cores
+# each wake-up preempts one of XLA's two threads, and the other waits for it. VmHWM is a high-water mark, so
+# sampling it rarely loses nothing but the process's last fraction of a second.
+TRAINING_RSS_POLL_SECONDS = 0.25
+
+
+def run_measured(
+    command: list[str], environment: dict[str, str], poll_seconds: float = RSS_POLL_SECONDS
+) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process; raises if it fails.
 
-    The peak is polled from /proc rather than taken from wait4's ru_maxrss, which on Linux also
-    counts the memory of this (large) process at the moment the child was forked.
+    The peak is sampled from /proc every `poll_seconds` on a thread while this one waits for the child, rather
+    than taken from wait4's ru_maxrss, which on Linux also counts the memory of this (large) process at the
+    moment the child was forked.
     """
     started = time.perf_counter()
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while process.poll() is None:
-        peak = max(peak, peak_rss_bytes(process.pid))
-        time.sleep(0.005)
+    finished = threading.Event()
+    peaks = [0]
+
+    def sample() -> None:
+        while not finished.wait(poll_seconds):
+            peaks.append(peak_rss_bytes(process.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
     seconds = time.perf_counter() - started
+    finished.set()
+    sampler.join()
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    return seconds, peak
+        raise RuntimeError(f"{' '.join(command)} failed: {stderr.decode()[-2000:]}")
+    return seconds, max(peaks)
 
 
 # The least a process can do to turn codes into a picture with the same libraries: import JAX, Flax and
@@ -376,38 +395,11 @@ def write_random_mnist(folder: Path, train_count: int = TRAIN_IMAGES, test_count
     return folder
 
 
-# How often the training run's memory is sampled. Sampling every 5 ms (as run_measured does for short commands)
-# slowed `vae train`'s steps by 7% (median of 8 paired runs): on 2 cores each wake-up preempts one of XLA's two
-# threads, and the other waits for it. VmHWM is a high-water mark, so sampling it rarely loses nothing but the
-# process's last fraction of a second.
-TRAINING_RSS_POLL_SECONDS = 0.25
-
-
-def run_training(command: list[str], environment: dict[str, str]) -> int:
-    """Run `vae train` to its end; its peak RSS (bytes), sampled every TRAINING_RSS_POLL_SECONDS on a thread of
-    this process while the main thread waits; raises if it fails."""
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    finished = threading.Event()
-    peaks = [0]
-
-    def sample() -> None:
-        while not finished.wait(TRAINING_RSS_POLL_SECONDS):
-            peaks.append(peak_rss_bytes(process.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, stderr = process.communicate()
-    finished.set()
-    sampler.join()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {stderr.decode()[-2000:]}")
-    return max(peaks)
-
-
-def whole_epoch_seconds(metrics: list[dict]) -> float:
-    """The mean wall time of an epoch after the first (which compiles), as `vae train` logged it: the main thread's
-    time from one epoch's end to the next, validation and any wait for the previous epoch's outputs included."""
-    return statistics.fmean(row["wall_seconds"] for row in metrics[1:])
+def mean_after_first_epoch(metrics: list[dict], name: str) -> float:
+    """The mean of metrics.jsonl's `name` over the epochs after the first (which compiles). For wall_seconds: the
+    main thread's time from one epoch's end to the next, validation and any wait for the previous epoch's outputs
+    included."""
+    return statistics.fmean(row[name] for row in metrics[1:])
 
 
 def write_reference_config(workdir: Path) -> Path:
@@ -420,23 +412,23 @@ def write_reference_config(workdir: Path) -> Path:
 
 def user_training_figures(workdir: Path, config_path: Path, epochs: int) -> dict[str, float]:
     """Wall seconds per epoch of `vae train --config config_path` (the reference MLP on 60,000 random MNIST-shaped
-    images), with all an epoch does (validation, checkpoint, pictures, TensorBoard events): whole_epoch_seconds of
-    its metrics.jsonl, so start-up, data loading and compiling (all in the first epoch or before it) stay out."""
+    images), with all an epoch does (validation, checkpoint, pictures, TensorBoard events): the mean wall_seconds
+    of its metrics.jsonl after the first epoch, so start-up, data loading and compiling (all in the first epoch
+    or before it) stay out."""
     environment = dict(os.environ, XDG_CACHE_HOME=str(workdir / "user-cache"))
     run_dir = workdir / "reference-run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a previous round's metrics.jsonl would be read as this one's
     options = ["--config", str(config_path), "--out", str(run_dir), "--set", f"train.epochs={epochs}"]
     command = [sys.executable, "-m", "vaecli", "train", *options]
-    peak_rss = run_training(command, environment)
+    _, peak_rss = run_measured(command, environment, TRAINING_RSS_POLL_SECONDS)
     metrics = read_metrics(run_dir)
-    seconds = whole_epoch_seconds(metrics)
-    # Over the same epochs as `seconds`, so the part is never more than the whole.
-    logged = statistics.fmean(row["epoch_seconds"] for row in metrics[1:])
+    seconds = mean_after_first_epoch(metrics, "wall_seconds")
     train_images = TRAIN_IMAGES - validation_count(TRAIN_IMAGES)
     return {
         "vae_train_epoch_seconds": seconds,
         "vae_train_images_per_second": train_images / seconds,
-        "vae_train_logged_epoch_seconds": logged,
+        # Over the same epochs as the whole, so the part is never more than the whole.
+        "vae_train_logged_epoch_seconds": mean_after_first_epoch(metrics, "epoch_seconds"),
         "vae_train_peak_rss_bytes": peak_rss,
     }
 
@@ -459,7 +451,7 @@ def whole_epoch_figures(workdir: Path, reference: Config, dataset: Dataset, roun
         each_round.append(user_training_figures(workdir, config_path, epochs))
         blocks.append(straightforward_epoch_seconds(reference, dataset, 2))
     ratios = [
-        whole_epoch_speedup({"straightforward_epoch_seconds_median": statistics.median(before + after), **user})
+        whole_epoch_speedup(user["vae_train_images_per_second"], statistics.median(before + after))
         for user, before, after in zip(each_round, blocks[:-1], blocks[1:], strict=True)
     ]
     straightforward = [seconds for block in blocks for seconds in block]
@@ -467,21 +459,20 @@ def whole_epoch_figures(workdir: Path, reference: Config, dataset: Dataset, roun
     # The round of the median whole epoch (the faster of the middle two), so that the part logged and the whole
     # come from one run.
     median_round = sorted(each_round, key=lambda user: user["vae_train_epoch_seconds"])[(len(each_round) - 1) // 2]
-    epoch_seconds = median_round["vae_train_epoch_seconds"]
     figures = {
-        "vae_train_epoch_seconds": epoch_seconds,
+        "vae_train_epoch_seconds": median_round["vae_train_epoch_seconds"],
         "vae_train_epoch_seconds_all": [user["vae_train_epoch_seconds"] for user in each_round],
-        "vae_train_images_per_second": (TRAIN_IMAGES - validation_count(TRAIN_IMAGES)) / epoch_seconds,
+        "vae_train_images_per_second": median_round["vae_train_images_per_second"],
         "vae_train_logged_epoch_seconds": median_round["vae_train_logged_epoch_seconds"],
         "vae_train_peak_rss_bytes": max(user["vae_train_peak_rss_bytes"] for user in each_round),
         "whole_epoch_straightforward_epoch_seconds_all": straightforward,
         "whole_epoch_straightforward_epoch_seconds_median": statistics.median(straightforward),
         "vae_train_speedup_of_rounds": ratios,
         "vae_train_speedup_over_straightforward_of_rounds_median": statistics.median(ratios),
+        "vae_train_speedup_over_straightforward": whole_epoch_speedup(
+            median_round["vae_train_images_per_second"], statistics.median(straightforward)
+        ),
     }
-    figures["vae_train_speedup_over_straightforward"] = whole_epoch_speedup(
-        {**figures, "straightforward_epoch_seconds_median": figures["whole_epoch_straightforward_epoch_seconds_median"]}
-    )
     return figures
 
 
@@ -545,10 +536,10 @@ def reference_figures(reference: Config, dataset: Dataset, peak: float, rounds: 
     return figures
 
 
-def whole_epoch_speedup(figures: dict) -> float:
-    """Images/s of `vae train`'s whole epochs over those of the straightforward loop's training (median epoch)."""
-    straightforward_images_per_second = TRAIN_IMAGES / figures["straightforward_epoch_seconds_median"]
-    return figures["vae_train_images_per_second"] / straightforward_images_per_second
+def whole_epoch_speedup(vae_train_images_per_second: float, straightforward_epoch_seconds: float) -> float:
+    """Images/s of `vae train`'s whole epochs over those of the straightforward loop's training (an epoch of
+    TRAIN_IMAGES in `straightforward_epoch_seconds`)."""
+    return vae_train_images_per_second / (TRAIN_IMAGES / straightforward_epoch_seconds)
 
 
 def device_note(backend: str) -> str:
