@@ -35,7 +35,7 @@ test: install
 
 # Speed and memory figures for this machine (a table, and bench.json); not a test.
 bench: install
-	$(BIN)/python -m vaecli.bench --out bench.json
+	$(BIN)/python -m benchmarks.bench --out bench.json
 
 lint: install
 	$(BIN)/ruff check .

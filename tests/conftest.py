@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vaecli.config import Config, validate_config
+from vaecli.common.config import Config, validate_config
 
 # A deliberately small model: big enough to learn digits in seconds, small enough to compile fast.
 SMALL_MODEL_SETTINGS = {
@@ -40,7 +40,7 @@ def private_data_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_run_dir(tmp_path_factory) -> Path:
     """A run directory trained for a few epochs on the offline mnist_sample digits."""
-    from vaecli.run import train_run
+    from vaecli.training.run import train_run
 
     run_dir = tmp_path_factory.mktemp("runs") / "sample"
     train_run(small_config(), run_dir)
@@ -50,6 +50,6 @@ def trained_run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(trained_run_dir):
     """The trained run loaded back from its checkpoint."""
-    from vaecli.checkpoint import load_run
+    from vaecli.training.checkpoint import load_run
 
     return load_run(trained_run_dir)

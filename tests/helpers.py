@@ -14,9 +14,10 @@ import numpy as np
 from conftest import small_config
 from typer.testing import CliRunner
 
-from vaecli.cli import app
-from vaecli.config import Config, DataConfig
-from vaecli.data import Dataset, load_dataset
+from vaecli.cli.app import app
+from vaecli.common.config import Config, DataConfig
+from vaecli.data.dataset import Dataset
+from vaecli.data.datasets import load_dataset
 
 # Devices of a child process started by run_child: XLA fixes their number when JAX starts, so a check on several
 # devices runs in a child with XLA_FLAGS=--xla_force_host_platform_device_count (CPU devices sharing the cores).

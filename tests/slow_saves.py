@@ -46,6 +46,6 @@ if __name__ == "__main__":
     markers.mkdir(parents=True, exist_ok=True)
     COMMITTING_CLASS.finalize = held_finalize(markers, seconds)
     sys.argv = ["vae", *sys.argv[3:]]
-    from vaecli.cli import main
+    from vaecli.cli.app import main
 
     main()

@@ -11,13 +11,13 @@ import pytest
 from helpers import tiny_config, tiny_dataset
 from slow_saves import COMMITTING_CLASS, held_finalize
 
-from vaecli.background import OrderedWorker
-from vaecli.checkpoint import CheckpointWriter, load_run
-from vaecli.cli import exit_now
-from vaecli.errors import OutputError
-from vaecli.run import RunHooks, continue_training
-from vaecli.rundir import checkpoint_step_dirs, read_metrics
-from vaecli.train import init_train_state
+from vaecli.cli.app import exit_now
+from vaecli.common.errors import OutputError
+from vaecli.runs.rundir import checkpoint_step_dirs, read_metrics
+from vaecli.training.background import OrderedWorker
+from vaecli.training.checkpoint import CheckpointWriter, load_run
+from vaecli.training.loop import init_train_state
+from vaecli.training.run import RunHooks, continue_training
 
 # Every checkpoint's commit (the rename into place) waits this long, so that a save is pending for a while.
 HOLD_SECONDS = 1.0
@@ -100,16 +100,16 @@ def test_a_checkpoint_save_returns_before_the_checkpoint_is_committed(tmp_path, 
 
 
 def test_an_error_writing_an_epoch_stops_the_run_and_keeps_the_checkpoints_before_it(tmp_path, monkeypatch):
-    import vaecli.run
+    import vaecli.training.run
 
-    write_pictures = vaecli.run.write_epoch_pictures
+    write_pictures = vaecli.training.run.write_epoch_pictures
 
     def fail_at_epoch_2(run_dir, model, config, val_images, epoch):
         if epoch == 2:
             raise OutputError("cannot write samples/epoch_002.png: No space left on device")
         return write_pictures(run_dir, model, config, val_images, epoch)
 
-    monkeypatch.setattr(vaecli.run, "write_epoch_pictures", fail_at_epoch_2)
+    monkeypatch.setattr(vaecli.training.run, "write_epoch_pictures", fail_at_epoch_2)
     with pytest.raises(OutputError, match=r"epoch_002\.png: No space left"):
         continue_training(tiny_config(train={"epochs": 3}), tiny_dataset(), tmp_path / "run", None, RunHooks())
     assert [int(path.name) for path in checkpoint_step_dirs(tmp_path / "run")] == [STEPS_PER_EPOCH]
@@ -135,7 +135,7 @@ def test_exit_now_waits_for_the_outputs_still_being_written(tmp_path, monkeypatc
 def test_the_epoch_pictures_compile_once_before_training_not_again_during_it(tmp_path):
     """The pictures are compiled ahead, on a fresh model placed where each epoch's state is copied to: a model
     placed elsewhere keys another compilation, which then runs beside epoch 2's steps and slows them."""
-    from vaecli import sample
+    from vaecli.models import sampling as sample
 
     config = tiny_config(model={"latent_dim": 7}, train={"epochs": 2})  # shapes no other test compiles
     dataset = tiny_dataset(train_count=64, val_count=16)

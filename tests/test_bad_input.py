@@ -19,8 +19,8 @@ import pytest
 from helpers import vae
 from PIL import Image
 
-from vaecli.checkpoint import CHECKPOINT_SUBDIR, FORMAT_VERSION
-from vaecli.images import load_model_input
+from vaecli.common.images import load_model_input
+from vaecli.training.checkpoint import CHECKPOINT_SUBDIR, FORMAT_VERSION
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A home-directory reference (~user) for a user that does not exist on any machine we run on.
@@ -518,7 +518,7 @@ def test_an_existing_output_is_replaced_whole(trained_run_dir, tmp_path, monkeyp
 
 
 def test_a_format_3_checkpoint_still_loads_unless_it_is_a_colour_logistic_model(trained_run_dir, tmp_path):
-    from vaecli.checkpoint import load_run, readable_format
+    from vaecli.training.checkpoint import load_run, readable_format
 
     copy_of_run_with_format_version(3)(tmp_path, trained_run_dir)
     loaded = load_run(tmp_path / "old-run")  # a grey Bernoulli model: format 4 changed nothing it holds

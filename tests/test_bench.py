@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from vaecli import bench
-from vaecli.bench import (
+from benchmarks import bench
+from benchmarks.bench import (
     EVALUATED_IMAGES,
     TRAINING_RSS_POLL_SECONDS,
     data_parallel_rows,

@@ -188,7 +188,7 @@ def test_help_imports_no_jax(arguments):
     probe = (
         "import sys\n"
         f"sys.argv = ['vae', *{arguments!r}]\n"
-        "from vaecli.cli import app\n"
+        "from vaecli.cli.app import app\n"
         "try:\n    app()\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules), file=sys.stderr)\n"
     )
@@ -206,7 +206,7 @@ def test_python_m_vaecli_works():
 def test_configs_folder_paths_work_from_the_repository_root(monkeypatch):
     root = Path(__file__).parent.parent
     monkeypatch.chdir(root)
-    from vaecli.config import load_config, resolve_config_path
+    from vaecli.common.config import load_config, resolve_config_path
 
     for name in ("mnist", "mnist-sample", "fashion_mnist", "kmnist", "folder"):
         path = Path("configs") / f"{name}.yaml"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from vaecli.config import (
+from vaecli.common.config import (
     Config,
     config_from_dict,
     config_to_yaml,
@@ -14,7 +14,7 @@ from vaecli.config import (
     resolve_config_path,
     shipped_config_names,
 )
-from vaecli.errors import ConfigError
+from vaecli.common.errors import ConfigError
 
 REPO_CONFIGS = Path(__file__).parent.parent / "configs"
 

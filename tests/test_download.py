@@ -11,13 +11,13 @@ from http_server import FileServer, refused_url
 from idx_files import write_mnist_dir
 from typer.testing import CliRunner
 
-from vaecli.cache import data_root, default_data_dir
-from vaecli.cli import app
-from vaecli.config import DataConfig, load_config
-from vaecli.data import load_dataset
+from vaecli.cli.app import app
+from vaecli.common.cache import data_root, default_data_dir
+from vaecli.common.config import DataConfig, load_config
+from vaecli.common.errors import ConfigError, DataError
+from vaecli.data.datasets import load_dataset
 from vaecli.data.download import download_missing
 from vaecli.data.sources import IDX_FILE_STEMS, IDX_SOURCES, DatasetSource, RemoteFile
-from vaecli.errors import ConfigError, DataError
 
 
 @pytest.fixture

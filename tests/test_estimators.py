@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vaecli.objectives import (
+from vaecli.models.objectives import (
     importance_log_weights,
     importance_weighted_bound,
     kl_per_dimension,

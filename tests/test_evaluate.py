@@ -1,4 +1,4 @@
-"""`vae evaluate` and vaecli.evaluate on the session's trained run: the importance-sampled NLL and the
+"""`vae evaluate` and vaecli.inference.evaluate on the session's trained run: the importance-sampled NLL and the
 figures beside it, how they relate, their determinism, and the protocol they are stated under.
 
 Small k and few images keep this fast; the estimator's own accuracy is tested in test_estimators.py.
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from helpers import vae
 
-import vaecli.evaluate
-from vaecli.checkpoint import CHECKPOINT_SUBDIR
-from vaecli.errors import DataError, UsageError
-from vaecli.evaluate import evaluate_split
+import vaecli.inference.evaluate
+from vaecli.common.errors import DataError, UsageError
+from vaecli.inference.evaluate import evaluate_split
+from vaecli.training.checkpoint import CHECKPOINT_SUBDIR
 
 MNIST_VALUES = 28 * 28
 IMAGES = 40
@@ -140,8 +140,8 @@ def test_the_same_seed_gives_the_same_numbers_and_another_seed_others(figures, t
 
 def test_the_nll_does_not_depend_on_the_decoder_outputs_per_step(trained_run, figures, monkeypatch):
     # Small enough that 50 samples no longer fit in one step: 8 samples an image per step, one image a call.
-    monkeypatch.setattr(vaecli.evaluate, "DECODER_OUTPUTS_PER_STEP", MNIST_VALUES * 8)
-    assert vaecli.evaluate.call_shape(50, MNIST_VALUES) == (1, 8, 7)
+    monkeypatch.setattr(vaecli.inference.evaluate, "DECODER_OUTPUTS_PER_STEP", MNIST_VALUES * 8)
+    assert vaecli.inference.evaluate.call_shape(50, MNIST_VALUES) == (1, 8, 7)
     smaller_steps = evaluate_split(trained_run, "test", 50, IMAGES, seed=0)
     assert smaller_steps.nll_nats == pytest.approx(figures["nll_nats"], rel=1e-4)
     assert smaller_steps.neg_elbo_nats == pytest.approx(figures["neg_elbo_nats"], rel=1e-4)
@@ -151,17 +151,17 @@ def test_an_images_estimate_does_not_depend_on_how_many_are_evaluated_with_it(tr
     """--images N evaluates the first N images exactly as a longer run does, in calls of any size."""
     # The per-image log p(x) is not part of the result: read it where the running sums take it in.
     per_image = []
-    add = vaecli.evaluate._Totals.add
+    add = vaecli.inference.evaluate._Totals.add
 
     def recording_add(totals, log_px, *rest):
         per_image.append(np.asarray(log_px))
         add(totals, log_px, *rest)
 
-    monkeypatch.setattr(vaecli.evaluate._Totals, "add", recording_add)
+    monkeypatch.setattr(vaecli.inference.evaluate._Totals, "add", recording_add)
     few = evaluate_split(trained_run, "test", 10, IMAGES, seed=0)
     first = np.concatenate(per_image)
     per_image.clear()
-    monkeypatch.setattr(vaecli.evaluate, "MAX_IMAGES_PER_CALL", 16)  # 80 images in 5 calls, not 1
+    monkeypatch.setattr(vaecli.inference.evaluate, "MAX_IMAGES_PER_CALL", 16)  # 80 images in 5 calls, not 1
     more = evaluate_split(trained_run, "test", 10, 2 * IMAGES, seed=0)
 
     assert (few.images, more.images) == (IMAGES, 2 * IMAGES)
@@ -227,12 +227,12 @@ def test_the_library_refuses_bad_arguments_in_one_line(trained_run, arguments, e
 
 
 def test_an_empty_split_is_refused(trained_run, monkeypatch):
-    real = vaecli.evaluate.load_dataset
+    real = vaecli.inference.evaluate.load_dataset
 
     def without_test_images(data):
         dataset = real(data)
         return dataclasses.replace(dataset, test_images=dataset.test_images[:0])
 
-    monkeypatch.setattr(vaecli.evaluate, "load_dataset", without_test_images)
+    monkeypatch.setattr(vaecli.inference.evaluate, "load_dataset", without_test_images)
     with pytest.raises(UsageError, match="the test split of mnist_sample is empty; choose another --split"):
         evaluate_split(trained_run, "test", 5, None)

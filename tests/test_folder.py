@@ -9,9 +9,9 @@ import pytest
 from image_folders import colourful_picture, write_image_folder
 from PIL import Image
 
-from vaecli.data import folder
+from vaecli.common.errors import DataError
+from vaecli.data.datasets import folder
 from vaecli.data.folder import DecodedFolder, load_folder, path_hash_order, split_folder
-from vaecli.errors import DataError
 
 READABLE_COUNT = 13  # 6 cats, 6 dogs, 1 loose at the top
 CONSIDERED_COUNT = 15  # ... plus broken.png and notes.txt; hidden files are not looked at

@@ -9,7 +9,7 @@ from image_folders import write_image_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from vaecli.cli import app
+from vaecli.cli.app import app
 
 runner = CliRunner()
 

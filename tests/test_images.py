@@ -1,4 +1,4 @@
-"""Tests for vaecli.images: reading user pictures into MNIST-style input, grids, and atomic writing."""
+"""Tests for vaecli.common.images: reading user pictures into MNIST-style input, grids, and atomic writing."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vaecli import images
-from vaecli.errors import ImageError, OutputError
-from vaecli.images import (
+from vaecli.common import images
+from vaecli.common.errors import ImageError, OutputError
+from vaecli.common.images import (
     load_input_for_model,
     load_model_input,
     load_photo_input,

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import vaecli.files
-from vaecli.checkpoint import choose_step, load_run, open_checkpoints
-from vaecli.config import ModelConfig
-from vaecli.images import make_grid, save_png
-from vaecli.inference import InferenceModel
-from vaecli.inference_run import inference_paths, open_inference_run, read_inference_files, write_inference_files
-from vaecli.model import build_model, inference_weights
-from vaecli.rundir import (
+import vaecli.common.files
+from vaecli.common.config import ModelConfig
+from vaecli.common.images import make_grid, save_png
+from vaecli.inference.open_run import inference_paths, open_inference_run, read_inference_files, write_inference_files
+from vaecli.models.layers import InferenceModel
+from vaecli.models.vae import build_model, inference_weights
+from vaecli.runs.rundir import (
     CHECKPOINT_SUBDIR,
     INFERENCE_SUBDIR,
     ORBAX_COMMIT_FILE,
@@ -28,6 +27,7 @@ from vaecli.rundir import (
     checkpoint_step_dirs,
     chosen_checkpoint_step,
 )
+from vaecli.training.checkpoint import choose_step, load_run, open_checkpoints
 
 # Each kind of decoder and likelihood: dense and convolutional (GroupNorm, depth-to-space), Bernoulli and the
 # logistic mixture, grey and colour (whose mixture couples R, G and B).
@@ -194,7 +194,7 @@ def test_a_failed_write_leaves_the_kept_files_whole_and_nothing_half_written(run
     def disk_full(file_descriptor):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(vaecli.files, "os", types.SimpleNamespace(**{**vars(os), "fsync": disk_full}))
+    monkeypatch.setattr(vaecli.common.files, "os", types.SimpleNamespace(**{**vars(os), "fsync": disk_full}))
     assert_weights_equal(open_inference_run(run_copy).model, expected)  # decoding goes on without them
     assert (npz_path.read_bytes(), json_path.read_bytes()) == kept
     assert sorted(path.name for path in npz_path.parent.iterdir()) == sorted([npz_path.name, json_path.name])

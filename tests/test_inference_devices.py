@@ -15,9 +15,9 @@ import jax
 import pytest
 from helpers import FORCED_DEVICES, run_child
 
-from vaecli.inference_run import open_inference_run
-from vaecli.rundir import INFERENCE_SUBDIR
-from vaecli.sample import inference_placement
+from vaecli.inference.open_run import open_inference_run
+from vaecli.models.sampling import inference_placement
+from vaecli.runs.rundir import INFERENCE_SUBDIR
 
 # 10 images or codes: 4 devices take 3 each, the last batch padded with 2 rows that are dropped.
 COUNT = 10
@@ -30,13 +30,13 @@ from pathlib import Path
 import jax, numpy as np
 from typer.testing import CliRunner
 
-import vaecli.evaluate, vaecli.sample, vaecli.samplers
-from vaecli.cli import app
-from vaecli.data import load_dataset
-from vaecli.evaluate import evaluate_images
-from vaecli.inference_run import open_inference_run
-from vaecli.sample import encoder_sees_binary, generate, inference_placement, reconstruct
-from vaecli.samplers import GaussianMixture, mixture_samples
+import vaecli.inference.evaluate, vaecli.inference.sample, vaecli.inference.samplers, vaecli.models.sampling
+from vaecli.cli.app import app
+from vaecli.data.datasets import load_dataset
+from vaecli.inference.evaluate import evaluate_images
+from vaecli.inference.open_run import open_inference_run
+from vaecli.models.sampling import encoder_sees_binary, generate, inference_placement, reconstruct
+from vaecli.inference.samplers import GaussianMixture, mixture_samples
 
 run_dir, count, k = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 report = {"devices_seen": jax.local_device_count(), "calls": {}}
@@ -56,9 +56,11 @@ def recording(module, name):
 
     setattr(module, name, recorded)
 
-vaecli.sample.RECONSTRUCT_DEFAULT_COUNT = count  # the test images reconstruct takes by default: 12 rows with padding
-for module, name in ((vaecli.sample, "_decode_prior_batch"), (vaecli.sample, "_reconstruct_batch"),
-                     (vaecli.evaluate, "_importance_step"), (vaecli.samplers, "_decode_mixture_batch")):
+vaecli.inference.sample.RECONSTRUCT_DEFAULT_COUNT = count  # test images reconstruct takes by default: 12 rows padded
+sampling = vaecli.models.sampling
+evaluate, samplers = vaecli.inference.evaluate, vaecli.inference.samplers
+for module, name in ((sampling, "_decode_prior_batch"), (sampling, "_reconstruct_batch"),
+                     (evaluate, "_importance_step"), (samplers, "_decode_mixture_batch")):
     recording(module, name)
 
 def vae(*arguments):

@@ -5,8 +5,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from vaecli.errors import UsageError
-from vaecli.latent import (
+from vaecli.common.errors import UsageError
+from vaecli.inference.latent import (
     DimensionUsage,
     check_interpolable,
     choose_dimensions,
@@ -175,7 +175,7 @@ def test_dimension_lists_are_parsed_or_refused():
 
 
 def test_the_ranking_is_the_kl_per_dimension_that_vae_evaluate_reports(trained_run):
-    from vaecli.evaluate import evaluate_split
+    from vaecli.inference.evaluate import evaluate_split
 
     usage = dimension_usage(split_codes(trained_run, "val", seed=3))
     evaluation = evaluate_split(trained_run, "val", k=1, seed=3)

@@ -7,8 +7,8 @@ import pytest
 from helpers import assert_one_line_error, tiny_config, tiny_dataset, vae
 from PIL import Image
 
-from vaecli.explore import GRID_PADDING, INPUT_GAP_PADDINGS, TILE_INCHES, Traversal
-from vaecli.plots import STYLE
+from vaecli.common.plots import STYLE
+from vaecli.inference.explore import GRID_PADDING, INPUT_GAP_PADDINGS, TILE_INCHES, Traversal
 
 DPI = STYLE["savefig.dpi"]
 
@@ -26,8 +26,8 @@ def figure_pixels(width_inches: float, height_inches: float) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def untrained_runs(tmp_path_factory):
     """Runs of a freshly initialised model with a 1-D and a 2-D latent: a checkpoint is all a picture needs."""
-    from vaecli.checkpoint import save_checkpoint
-    from vaecli.train import init_train_state
+    from vaecli.training.checkpoint import save_checkpoint
+    from vaecli.training.loop import init_train_state
 
     runs = {}
     dataset = tiny_dataset()
@@ -103,9 +103,9 @@ def test_interpolate_writes_one_row_with_the_inputs_at_the_ends(tmp_path, traine
 
 
 def test_interpolate_reads_image_files_and_ends_at_their_codes(tmp_path, trained_run):
-    from vaecli.data import load_dataset
-    from vaecli.explore import save_interpolation
-    from vaecli.latent import input_codes, read_inputs
+    from vaecli.data.datasets import load_dataset
+    from vaecli.inference.explore import save_interpolation
+    from vaecli.inference.latent import input_codes, read_inputs
 
     test_images = load_dataset(trained_run.config.data).test_images
     paper = tmp_path / "ink-on-paper.png"
@@ -147,7 +147,7 @@ def test_the_same_image_file_twice_is_refused(tmp_path, trained_run_dir):
 
 
 def test_traverse_shows_every_dimension_by_kl_and_is_deterministic(tmp_path, trained_run, trained_run_dir):
-    from vaecli.latent import dimension_usage, split_codes
+    from vaecli.inference.latent import dimension_usage, split_codes
 
     result = vae("traverse", "--run", trained_run_dir, "--out", tmp_path / "traverse.png")
     assert result.exit_code == 0, result.output
@@ -160,8 +160,8 @@ def test_traverse_shows_every_dimension_by_kl_and_is_deterministic(tmp_path, tra
 
 
 def test_traverse_around_an_input_varies_the_chosen_dimensions(tmp_path, trained_run):
-    from vaecli.explore import save_traversal
-    from vaecli.latent import dimension_usage, split_codes
+    from vaecli.inference.explore import save_traversal
+    from vaecli.inference.latent import dimension_usage, split_codes
 
     drawn = save_traversal(trained_run, tmp_path / "t.png", "test:5", [0, 3, 5], 2.0, 5, 0)
     kl = dimension_usage(split_codes(trained_run, "val")).kl

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import chdtrc, logsumexp
 
-from vaecli.likelihoods import (
+from vaecli.models.likelihoods import (
     MIN_LOG_SCALE,
     Bernoulli,
     DiscretizedLogisticMixture,

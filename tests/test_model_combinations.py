@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 from helpers import tiny_config, tiny_dataset
 
-from vaecli.checkpoint import LoadedRun
 from vaecli.data.coloured_digits import coloured_digits
-from vaecli.evaluate import evaluate_images
-from vaecli.sample import generate, reconstruct
-from vaecli.train import train
+from vaecli.inference.evaluate import evaluate_images
+from vaecli.models.sampling import generate, reconstruct
+from vaecli.training.checkpoint import LoadedRun
+from vaecli.training.loop import train
 
 
 def colour_dataset(dataset):

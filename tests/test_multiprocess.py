@@ -23,7 +23,7 @@ import yaml
 from helpers import assert_one_line_error, vae
 from idx_files import write_mnist_dir
 
-from vaecli.rundir import read_metrics
+from vaecli.runs.rundir import read_metrics
 
 PROCESSES = 2
 CHILD_TIMEOUT_SECONDS = 180

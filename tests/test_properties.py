@@ -23,9 +23,9 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pydantic import BaseModel
 
-from vaecli.config import Config, load_config
-from vaecli.errors import ConfigError, ImageError
-from vaecli.images import load_model_input, load_photo_input
+from vaecli.common.config import Config, load_config
+from vaecli.common.errors import ConfigError, ImageError
+from vaecli.common.images import load_model_input, load_photo_input
 
 MNIST_SHAPE = (28, 28)
 PHOTO_SIZE = 16

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from vaecli import quality
-from vaecli.quality import (
+from vaecli.inference import quality
+from vaecli.inference.quality import (
     FeatureMap,
     fit_feature_map,
     frechet_distance,
@@ -108,8 +108,8 @@ def test_the_script_compares_the_samplers_on_a_run(tmp_path, trained_run_dir, mo
     run_dir = shutil.copytree(trained_run_dir, tmp_path / "run")
     monkeypatch.setattr(quality, "CLASSIFIER_MAX_IMAGES", 1000)  # a shorter training, for the test's sake
     # 16 samples, the count test_samplers draws too: the compiled decoders are shared within a test session.
-    monkeypatch.setattr(sys, "argv", ["vaecli.quality", str(run_dir), "--n", "16"])
-    quality.main()  # what python -m vaecli.quality RUN_DIR --n 16 runs
+    monkeypatch.setattr(sys, "argv", ["vaecli.inference.quality", str(run_dir), "--n", "16"])
+    quality.main()  # what python -m vaecli.inference.quality RUN_DIR --n 16 runs
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{run_dir} step ") and lines[0].endswith("against 500 test images")
     rows = {line[:32].strip(): line[32:].split() for line in lines[3:6]}

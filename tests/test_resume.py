@@ -18,11 +18,11 @@ from helpers import assert_trees_equal, tiny_config, tiny_dataset, trees_differ
 from slow_saves import pending_commits
 from typer.testing import CliRunner
 
-from vaecli.checkpoint import load_run, load_train_state, read_latest_meta, save_checkpoint
-from vaecli.cli import app
-from vaecli.config import load_config
-from vaecli.rundir import read_metrics
-from vaecli.train import train
+from vaecli.cli.app import app
+from vaecli.common.config import load_config
+from vaecli.runs.rundir import read_metrics
+from vaecli.training.checkpoint import load_run, load_train_state, read_latest_meta, save_checkpoint
+from vaecli.training.loop import train
 
 # ~190 steps an epoch with a tiny model: each epoch takes a fraction of a second, so a kill lands
 # anywhere (mid-epoch, during a checkpoint, between epochs).
@@ -227,7 +227,7 @@ def nan_after(step: int):
     import jax.numpy as jnp
     import optax
 
-    import vaecli.train as training
+    import vaecli.training.loop as training
 
     configured = training.make_optimizer
 
@@ -243,7 +243,7 @@ TINY_RUN = ["--set", "model.hidden=[32]", "--set", "model.latent_dim=4", "--set"
 
 def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("vaecli.train.make_optimizer", nan_after(70))  # epoch 1 is steps 1-62
+    monkeypatch.setattr("vaecli.training.loop.make_optimizer", nan_after(70))  # epoch 1 is steps 1-62
     result = CliRunner().invoke(app, ["train", "--config", "mnist-sample", *TINY_RUN, "--out", "run"])
 
     assert result.exit_code == 1, result.output
@@ -266,7 +266,7 @@ def test_skip_nonfinite_skips_and_counts_the_bad_steps(tmp_path, monkeypatch):
     from flax import nnx
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("vaecli.train.make_optimizer", nan_after(70))
+    monkeypatch.setattr("vaecli.training.loop.make_optimizer", nan_after(70))
     settings = [*TINY_RUN, "--set", "train.skip_nonfinite=true"]
     result = CliRunner().invoke(app, ["train", "--config", "mnist-sample", *settings, "--out", "run"])
 
@@ -282,7 +282,7 @@ def test_clip_norm_clips_the_gradient_before_adam():
     smaller than Adam's epsilon: a clip norm of 1e-12 must then shrink the step to almost nothing."""
     import jax.numpy as jnp
 
-    from vaecli.train import make_optimizer
+    from vaecli.training.loop import make_optimizer
 
     params = {"w": jnp.zeros(100)}
     grads = {"w": jnp.full(100, 10.0)}
@@ -347,7 +347,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_a_clear_error(tmp_path, 
 def test_a_nan_made_by_the_last_update_of_an_epoch_is_never_saved(tmp_path, monkeypatch):
     """Update 62 ends epoch 1: no later loss reveals it, so the weights are checked before saving."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("vaecli.train.make_optimizer", nan_after(61))
+    monkeypatch.setattr("vaecli.training.loop.make_optimizer", nan_after(61))
     result = CliRunner().invoke(app, ["train", "--config", "mnist-sample", *TINY_RUN, "--out", "run"])
     assert result.exit_code == 1, result.output
     assert "the weights became NaN or infinite at epoch 1, step 62; no checkpoint had been written yet" in (
@@ -388,8 +388,8 @@ def test_damaged_weights_and_metrics_are_one_line_errors(tmp_path, uninterrupted
 
 def test_best_is_kept_beside_the_newest_even_when_it_is_old(tmp_path):
     """Validation losses 5, 3, 4, 6, 7 with keep_checkpoints=2: steps 2 (best), 4 and 5 remain."""
-    from vaecli.checkpoint import save_checkpoint
-    from vaecli.train import init_train_state
+    from vaecli.training.checkpoint import save_checkpoint
+    from vaecli.training.loop import init_train_state
 
     config = small_config(model={"hidden": [8], "latent_dim": 2}, train={"keep_checkpoints": 2})
     _, state = init_train_state(config, (28, 28))
@@ -402,8 +402,8 @@ def test_best_is_kept_beside_the_newest_even_when_it_is_old(tmp_path):
 
 
 def test_a_stop_requested_while_the_data_loads_changes_nothing(tmp_path):
-    from vaecli.errors import Interrupted
-    from vaecli.run import RunHooks, train_run
+    from vaecli.common.errors import Interrupted
+    from vaecli.training.run import RunHooks, train_run
 
     with pytest.raises(Interrupted, match="stopped before training started"):
         train_run(load_config("mnist-sample"), tmp_path / "run", hooks=RunHooks(should_stop=lambda: True))
@@ -435,7 +435,7 @@ def stop_at_call(number: int):
 
 def test_resuming_mid_epoch_with_every_training_aid_on_is_bit_identical(tmp_path, monkeypatch):
     """The schedules and the moving average follow the step, so a checkpoint mid-warm-up resumes exactly."""
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3 and 2
+    monkeypatch.setattr("vaecli.training.loop.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3 and 2
     aids = {
         "epochs": 2, "ema": 0.9, "lr_schedule": "cosine", "lr_warmup_epochs": 0.5, "kl_warmup_epochs": 1.5,
         "iw_samples": 3,

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, tiny_config, vae
 
-from vaecli.errors import OutputError
-from vaecli.run import RunHooks, prepare_run_dir, resume_run, train_run
-from vaecli.rundir import RunLock
+from vaecli.common.errors import OutputError
+from vaecli.runs.rundir import RunLock
+from vaecli.training.run import RunHooks, prepare_run_dir, resume_run, train_run
 
 ONE_EPOCH = tiny_config(train={"epochs": 1})
 # A process that takes the lock on argv[1], says so, and sleeps holding it.
 HOLD_LOCK = """
 import sys, time
-from vaecli.rundir import RunLock
+from vaecli.runs.rundir import RunLock
 RunLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -93,7 +93,7 @@ def test_a_refused_trainer_is_told_before_it_loads_any_data(run_dir, monkeypatch
     def loading(*arguments):
         raise AssertionError("the data was loaded before the refusal")
 
-    monkeypatch.setattr("vaecli.run.load_run_data", loading)
+    monkeypatch.setattr("vaecli.training.run.load_run_data", loading)
     before = snapshot(run_dir)
     with pytest.raises(OutputError, match="already holds a run"):
         train_run(ONE_EPOCH, run_dir)  # without overwrite

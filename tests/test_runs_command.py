@@ -11,9 +11,9 @@ import pytest
 from helpers import vae
 from rich.console import Console
 
-from vaecli.cli import runs_table
-from vaecli.run_summaries import age_of, describe_age, describe_size, summarize_runs
-from vaecli.rundir import latest_evaluation, record_evaluation
+from vaecli.cli.app import runs_table
+from vaecli.runs.rundir import latest_evaluation, record_evaluation
+from vaecli.runs.summaries import age_of, describe_age, describe_size, summarize_runs
 
 
 def rendered(folder: Path, summaries, width: int = 250) -> str:

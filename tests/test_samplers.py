@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, vae
 
-from vaecli import samplers
-from vaecli.errors import UsageError
-from vaecli.samplers import GaussianMixture, fit_gaussian_mixture, mixture_latents, read_cached_mixture
+from vaecli.common.errors import UsageError
+from vaecli.inference import samplers
+from vaecli.inference.samplers import GaussianMixture, fit_gaussian_mixture, mixture_latents, read_cached_mixture
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def checkpoint_steps(run_dir):
 
 @pytest.fixture
 def counted_fits(monkeypatch):
-    """Count the mixture fits made through vaecli.samplers."""
+    """Count the mixture fits made through vaecli.inference.samplers."""
     calls = []
     real_fit = samplers.fit_gaussian_mixture
 
@@ -85,7 +85,7 @@ def test_too_few_codes_for_the_components_are_refused_saying_how_many_are_needed
 
 
 def test_a_cache_of_other_shapes_or_damaged_is_not_used(tmp_path):
-    from vaecli.images import save_npz
+    from vaecli.common.images import save_npz
 
     save_npz(tmp_path / "m.npz", weights=KNOWN.weights, means=KNOWN.means, covariances=KNOWN.covariances)
     assert read_cached_mixture(tmp_path / "m.npz", 2, 2) is not None
@@ -100,7 +100,7 @@ def test_a_cache_of_other_shapes_or_damaged_is_not_used(tmp_path):
 
 
 def test_the_prior_stays_the_default_with_the_same_bytes(tmp_path, trained_run, trained_run_dir):
-    from vaecli.sample import save_prior_samples
+    from vaecli.inference.sample import save_prior_samples
 
     save_prior_samples(tmp_path / "library.png", trained_run.model, 16, 2, 0.8)
     default = vae(
@@ -161,7 +161,7 @@ def test_gmm_fits_once_and_reuses_the_cached_fit(tmp_path, run_copy, counted_fit
 
 
 def test_each_checkpoint_and_component_count_gets_its_own_fit(tmp_path, trained_run_dir, monkeypatch):
-    from vaecli.checkpoint import load_run
+    from vaecli.training.checkpoint import load_run
 
     run_dir = shutil.copytree(trained_run_dir, tmp_path / "run")
     fits = []

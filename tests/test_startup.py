@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from vaecli.cache import enable_compilation_cache, private_directory
-from vaecli.images import save_npz_streamed
-from vaecli.inference_run import inference_paths, open_inference_run
-from vaecli.rundir import INFERENCE_SUBDIR
+from vaecli.common.cache import enable_compilation_cache, private_directory
+from vaecli.common.images import save_npz_streamed
+from vaecli.inference.open_run import inference_paths, open_inference_run
+from vaecli.runs.rundir import INFERENCE_SUBDIR
 
 
 def test_the_cache_folder_is_made_private(tmp_path):
@@ -48,7 +48,7 @@ def test_enabling_points_jax_at_the_user_cache(tmp_path, monkeypatch):
 def test_a_second_generate_reuses_the_compiled_programs_and_the_kept_weights(tmp_path, trained_run_dir, trained_run):
     """The first generate restores the checkpoint (Orbax, Flax) and keeps its weights; the second reads them.
     Both write the bytes the Flax model decodes."""
-    from vaecli.sample import save_prior_samples
+    from vaecli.inference.sample import save_prior_samples
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run_dir, run_dir, ignore=shutil.ignore_patterns(INFERENCE_SUBDIR))
@@ -80,9 +80,10 @@ def test_a_streamed_npz_with_missing_rows_is_not_written(tmp_path):
 
 
 def test_generate_to_npz_streams_batches_and_matches_the_in_memory_result(tmp_path, trained_run, monkeypatch):
-    from vaecli.sample import generate, generate_batches, save_prior_samples
+    from vaecli.inference.sample import save_prior_samples
+    from vaecli.models.sampling import generate, generate_batches
 
-    monkeypatch.setattr("vaecli.sample.DECODE_BATCH_SIZE", 7)
+    monkeypatch.setattr("vaecli.models.sampling.DECODE_BATCH_SIZE", 7)
     assert [len(batch) for batch in generate_batches(trained_run.model, 20)] == [7, 7, 6]
     save_prior_samples(tmp_path / "s.npz", trained_run.model, 20, seed=2, temperature=1.0)
     np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["samples"], generate(trained_run.model, 20, seed=2))
@@ -101,7 +102,7 @@ def modules_loaded_by(*arguments: str, then: tuple[list[str], ...] = ()) -> tupl
     )
     probe = (
         "import sys\n"
-        "from vaecli.cli import app\n"
+        "from vaecli.cli.app import app\n"
         f"{run_commands}"
         f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n"
     )
@@ -123,7 +124,7 @@ def test_listing_runs_loads_no_plotting_tensorboard_or_jax(trained_run_dir):
 @pytest.fixture(scope="module")
 def run_with_kept_weights(tmp_path_factory, trained_run_dir):
     """A copy of the trained run whose weights are kept for inference, with a 2-component gmm fitted."""
-    from vaecli.samplers import run_mixture
+    from vaecli.inference.samplers import run_mixture
 
     run_dir = tmp_path_factory.mktemp("kept") / "run"
     shutil.copytree(trained_run_dir, run_dir)

@@ -20,14 +20,15 @@ from helpers import (
     trees_differ,
 )
 
-from vaecli.checkpoint import load_run, load_train_state, save_checkpoint
-from vaecli.config import Config, DataConfig
-from vaecli.data import Dataset, load_dataset
-from vaecli.errors import CheckpointError, ConfigError, UsageError
-from vaecli.likelihoods import Bernoulli
-from vaecli.model import build_model
-from vaecli.sample import encoder_sees_binary, generate, reconstruct
-from vaecli.train import (
+from vaecli.common.config import Config, DataConfig
+from vaecli.common.errors import CheckpointError, ConfigError, UsageError
+from vaecli.data.dataset import Dataset
+from vaecli.data.datasets import load_dataset
+from vaecli.models.likelihoods import Bernoulli
+from vaecli.models.sampling import encoder_sees_binary, generate, reconstruct
+from vaecli.models.vae import build_model
+from vaecli.training.checkpoint import load_run, load_train_state, save_checkpoint
+from vaecli.training.loop import (
     EVALUATION_STREAM,
     SPLIT_NUMBERS,
     EpochResult,
@@ -51,7 +52,7 @@ from vaecli.train import (
 
 
 def test_same_seed_gives_the_same_weights_with_or_without_progress_reports(monkeypatch):
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3, then a tail of 2
+    monkeypatch.setattr("vaecli.training.loop.STEPS_PER_CHUNK", 3)  # 8 steps an epoch: chunks of 3, 3, then a tail of 2
     config, dataset = tiny_config(), tiny_dataset()
     reports, epochs = [], []
     watched = train(config, dataset, on_progress=reports.append, on_epoch_end=epochs.append).state
@@ -87,7 +88,7 @@ def plain_loop_state():
 def test_the_chunked_loop_matches_a_plain_loop_of_single_updates(monkeypatch, plain_loop_state, steps_per_chunk):
     """Gathering on the device, the tail's shorter scan and the step's noise key must change nothing:
     the scanned chunks give what one jitted update per batch gives, step by step."""
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", steps_per_chunk)
+    monkeypatch.setattr("vaecli.training.loop.STEPS_PER_CHUNK", steps_per_chunk)
     chunked = train(tiny_config(), tiny_dataset()).state
 
     assert int(chunked.step) == int(plain_loop_state.step) == 16
@@ -110,12 +111,12 @@ def test_an_epoch_resumed_at_a_step_off_the_chunk_grid_trains_exactly_its_remain
 ):
     """A checkpoint can fall between another run's chunk boundaries: the rest of its epoch still runs each
     remaining step once (here 4 and a tail of 1 after step 3 of 8), and lands where training without a stop does."""
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 3)
+    monkeypatch.setattr("vaecli.training.loop.STEPS_PER_CHUNK", 3)
     config, dataset = tiny_config(), tiny_dataset()
     stopped = train(config, dataset, should_stop=lambda: True)  # after the first chunk: step 3 of epoch 1
     assert (stopped.stopped_in_epoch, int(stopped.state.step)) == (1, 3)
 
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 4)
+    monkeypatch.setattr("vaecli.training.loop.STEPS_PER_CHUNK", 4)
     reports = []
     resumed = train(config, dataset, on_progress=reports.append, start=stopped.state).state
     assert [(report.epoch, report.steps_done) for report in reports] == [(1, 7), (1, 8), (2, 4), (2, 8)]
@@ -165,15 +166,15 @@ def test_the_compiled_training_chunk_copies_no_weights(monkeypatch, steps_per_ch
     """Copies inside the scan cost a memory pass per step: the compiler options remove the weights' copies
     (made even with no lax.cond in the scan), and decoding a single sample without its axis of one the
     activations' transposed copies."""
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", steps_per_chunk)
+    monkeypatch.setattr("vaecli.training.loop.STEPS_PER_CHUNK", steps_per_chunk)
     assert weights_copied_in_the_compiled_chunk(only_weights=False) == []
 
 
 def test_without_the_compiler_options_the_chunk_does_copy_weights(monkeypatch):
     """The positive control of the test above: its pattern does find the copies XLA makes by default (in a scan of
     one step per iteration; unrolled by two, XLA happens to make none)."""
-    monkeypatch.setattr("vaecli.train.TRAIN_COMPILER_OPTIONS", {})
-    monkeypatch.setattr("vaecli.train.STEP_UNROLL", 1)
+    monkeypatch.setattr("vaecli.training.loop.TRAIN_COMPILER_OPTIONS", {})
+    monkeypatch.setattr("vaecli.training.loop.STEP_UNROLL", 1)
     assert "f32[32,784]" in weights_copied_in_the_compiled_chunk()  # the decoder's last matrix, among others
 
 
@@ -503,7 +504,7 @@ def test_a_checkpoint_with_incomplete_metadata_is_a_clear_error(tmp_path):
 def test_training_and_validation_compile_once_for_any_number_of_epochs(caplog, monkeypatch):
     """Three epochs of whole chunks and a tail, validation with a padded last batch: one compilation for the
     whole chunks, one for the tail, one for validation, however many epochs."""
-    monkeypatch.setattr("vaecli.train.STEPS_PER_CHUNK", 4)  # 288 images in batches of 32: 9 steps, 4 + 4 + 1
+    monkeypatch.setattr("vaecli.training.loop.STEPS_PER_CHUNK", 4)  # 288 images in batches of 32: 9 steps, 4 + 4 + 1
     # 500 validation images: batches of 500, so no padding; 1,100 gives a full batch and a padded one.
     dataset = dataclasses.replace(
         tiny_dataset(train_count=288), val_images=load_dataset(DataConfig()).split("train")[:1100]

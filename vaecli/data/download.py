@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vaecli.common.errors import DataError
 from vaecli.data.sources import RemoteFile
-from vaecli.errors import DataError
 
 # Seconds without an answer before a mirror counts as unreachable.
 DOWNLOAD_TIMEOUT = 30

@@ -4,7 +4,7 @@ The rules, so a user can predict what happens to their folder:
 - Files: every file under the folder, at any depth, except hidden ones (a name starting with ".")
   and anything inside hidden folders or the cache itself. Files that are not readable images are
   skipped and counted in one notice.
-- Pictures: each is read with `vaecli.images.load_photo_input` — the shorter side scaled to
+- Pictures: each is read with `vaecli.common.images.load_photo_input` — the shorter side scaled to
   `image_size`, the centre square kept, grey (channels 1) or RGB (channels 3), transparency as white.
 - Labels: when images sit in subfolders, the name of an image's top-level subfolder is its class
   (class_names sorted, labels index them); images with no subfolder get label -1.
@@ -28,10 +28,10 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vaecli.data import Dataset, take_read_only
-from vaecli.errors import DataError, ImageError, OutputError
-from vaecli.files import write_atomically, write_text_atomically
-from vaecli.images import load_photo_input
+from vaecli.common.errors import DataError, ImageError, OutputError
+from vaecli.common.files import write_atomically, write_text_atomically
+from vaecli.common.images import load_photo_input
+from vaecli.data.dataset import Dataset, take_read_only
 
 # Bump when decoding or the cache layout changes, so every old cache entry stops matching.
 CACHE_FORMAT_VERSION = 1

