@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -14,8 +15,9 @@ from PIL import Image
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
 
+from vaecli.common.plots import figure
 from vaecli.data.datasets import load_dataset
-from vaecli.runs.curves import curve_panels, write_curves
+from vaecli.runs.curves import curve_panels, draw_panel, write_curves
 from vaecli.runs.rundir import checkpoint_step_dirs, read_metrics
 from vaecli.training.checkpoint import load_run, load_train_state, read_latest_meta
 from vaecli.training.run import RunHooks, continue_training, resume_run, train_run
@@ -137,6 +139,49 @@ def test_the_panels_draw_what_the_metrics_hold_and_use_a_log_axis_across_decades
     assert loss.series[-1].values == (185.0, 139.0)
     assert [(line.label, line.epochs) for line in kl.series] == [("train", (2,)), ("validation", (1, 2))]
     assert not kl.log_scale  # 2 to 10: under a decade
+
+
+def drawn(panel):
+    """Draw `panel` as curves.png does: its y-limits, its texts and its markers as (marker, x, y)."""
+    with figure() as (_, axes):
+        draw_panel(axes, panel)
+        markers = [
+            (line.get_marker(), float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+            for line in axes.get_lines()
+            if line.get_linestyle() == "None"
+        ]
+        return axes.get_ylim(), [text.get_text() for text in axes.texts], markers
+
+
+def test_a_far_out_first_epoch_is_clipped_so_the_later_epochs_fill_the_panel(tmp_path):
+    # An untrained first epoch: its loss about 5x the rest, its KL near 0.
+    run = [epoch_row(1, 543.0, 530.0, 529.7, 0.3)] + [
+        epoch_row(epoch, loss + 2, loss, loss - kl, kl)
+        for epoch, loss, kl in [(2, 110.0, 20.0), (3, 100.0, 22.0), (4, 96.0, 23.0), (5, 94.0, 23.5)]
+    ]
+    loss, _, kl = curve_panels(run)
+
+    (bottom, top), texts, markers = drawn(loss)
+    assert bottom <= 94.0 and 112.0 <= top < 120.0  # the later epochs' range, not epoch 1's 543
+    assert ("^", 1.0, top) in markers  # epoch 1 marked at the top edge, pointing off it ...
+    assert "epoch 1: 543 (clipped)" in texts and "epoch 1: 530 (clipped)" in texts  # ... with its values
+
+    (bottom, top), texts, markers = drawn(kl)
+    assert 19.0 < bottom <= 20.0 and top >= 23.5
+    assert ("v", 1.0, bottom) in markers and texts == ["epoch 1: 0.3 (clipped)"]
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in run))
+    assert png_size(write_curves(run_dir)) == CURVES_PIXELS  # drawn whole, with no warning
+
+
+def test_a_first_epoch_near_the_rest_is_not_clipped():
+    run = [epoch_row(epoch, loss, loss, loss - 20, 20.0) for epoch, loss in [(1, 120.0), (2, 110.0), (3, 100.0)]]
+    loss, _, _ = curve_panels(run)
+
+    (bottom, top), texts, markers = drawn(loss)
+    assert bottom < 100.0 and top > 120.0 and texts == [] and markers == []
 
 
 @pytest.mark.parametrize(
