@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import tiny_config, vae
 from PIL import Image
+from tensorboardX.crc32c import _crc32c as python_crc32c
 from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.record_writer import masked_crc32c
 
 from vaecli.common.plots import figure
 from vaecli.data.datasets import load_dataset
@@ -27,6 +27,12 @@ CURVES_PIXELS = (1620, 480)  # curves.FIGURE_SIZE at the shared style's 120 dpi
 
 
 # --- reading event files back, as TensorBoard does -------------------------------------------------
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C, from tensorboardX's pure-Python CRC: a check independent of the writer's C one."""
+    crc = python_crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def read_event_file(path: Path) -> list[Event]:
@@ -221,6 +227,16 @@ def test_tensorboard_holds_every_metric_of_every_epoch_and_both_pictures(trained
             expected = png_pixels(png)
             assert (value.image.height, value.image.width) == expected.shape[:2]
             np.testing.assert_array_equal(png_pixels(value.image.encoded_image_string), expected)
+
+
+def test_event_records_are_checksummed_by_the_crc32c_packages_c_code():
+    import crc32c
+    from tensorboardX import record_writer
+
+    assert record_writer.crc32c is crc32c.crc32c  # not tensorboardX's pure-Python fallback
+    record = bytes(range(256)) * 64
+    assert crc32c.crc32c(record) == python_crc32c(record)
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # CRC-32C's check value (RFC 3720)
 
 
 def test_a_stopped_run_draws_its_curves_and_on_resuming_tensorboard_drops_the_epochs_it_trains_again(tmp_path):

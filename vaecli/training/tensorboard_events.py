@@ -1,9 +1,11 @@
 """TensorBoard event files in RUN_DIR/tensorboard/, so that `tensorboard --logdir runs` shows one run per run directory.
 
 tensorboardX writes them with protobuf alone (no TensorFlow); it is imported here, when a training run
-opens its events, so `vae --help` and the commands that do not train never load it. Event files are
-append-only logs that TensorBoard reads while they grow (skipping a torn last record), so they are the
-one output not written aside and renamed.
+opens its events, so `vae --help` and the commands that do not train never load it. Each record carries
+two CRC-32C checksums, computed by the `crc32c` package's C code where installed (a dependency): without
+it tensorboardX falls back to a byte-at-a-time Python loop. Event files are append-only logs that
+TensorBoard reads while they grow (skipping a torn last record), so they are the one output not written
+aside and renamed.
 """
 
 from __future__ import annotations
