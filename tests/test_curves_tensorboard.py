@@ -15,13 +15,14 @@ from PIL import Image
 from tensorboardX.crc32c import _crc32c as python_crc32c
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
+from vaecli.common.images import png_bytes
 from vaecli.common.plots import figure
 from vaecli.data.datasets import load_dataset
 from vaecli.runs.curves import curve_panels, draw_panel, write_curves
 from vaecli.runs.rundir import checkpoint_step_dirs, read_metrics
 from vaecli.training.checkpoint import load_run, load_train_state, read_latest_meta
 from vaecli.training.run import RunHooks, continue_training, resume_run, train_run
-from vaecli.training.tensorboard_events import scalar_tag
+from vaecli.training.tensorboard_events import EpochEvents, scalar_tag
 
 CURVES_PIXELS = (1620, 480)  # curves.FIGURE_SIZE at the shared style's 120 dpi
 
@@ -226,7 +227,7 @@ def test_tensorboard_holds_every_metric_of_every_epoch_and_both_pictures(trained
             png = trained_run_dir / tag / f"epoch_{epoch:03d}.png"
             expected = png_pixels(png)
             assert (value.image.height, value.image.width) == expected.shape[:2]
-            np.testing.assert_array_equal(png_pixels(value.image.encoded_image_string), expected)
+            assert value.image.encoded_image_string == png.read_bytes()  # the epoch's picture, not a re-encoding
 
 
 def test_event_records_are_checksummed_by_the_crc32c_packages_c_code():
@@ -237,6 +238,30 @@ def test_event_records_are_checksummed_by_the_crc32c_packages_c_code():
     record = bytes(range(256)) * 64
     assert crc32c.crc32c(record) == python_crc32c(record)
     assert crc32c.crc32c(b"123456789") == 0xE3069283  # CRC-32C's check value (RFC 3720)
+
+
+def test_pictures_reach_tensorboard_as_given_encoded_once_without_a_resize(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    pictures = {"samples": rng.integers(0, 256, (30, 20), dtype=np.uint8)}
+    pictures["reconstructions"] = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+
+    def no_resize(*args, **kwargs):
+        raise AssertionError("a picture was resized on its way to TensorBoard")
+
+    monkeypatch.setattr(Image.Image, "resize", no_resize)
+    events = EpochEvents(tmp_path)
+    events.add_epoch({"epoch": 1, "train_loss": 1.5}, pictures)
+    events.close()
+
+    shown = as_tensorboard_shows(events_in(tmp_path))
+    for tag, pixels in pictures.items():
+        [(step, value)] = shown[tag]
+        channels = 1 if pixels.ndim == 2 else 3
+        assert (step, value.image.height, value.image.width, value.image.colorspace) == (1, *pixels.shape[:2], channels)
+        assert value.image.encoded_image_string == png_bytes(pixels)
+        with Image.open(io.BytesIO(value.image.encoded_image_string)) as decoded:
+            assert decoded.mode == ("L" if channels == 1 else "RGB")  # grey stays grey
+            np.testing.assert_array_equal(np.asarray(decoded), pixels)
 
 
 def test_a_stopped_run_draws_its_curves_and_on_resuming_tensorboard_drops_the_epochs_it_trains_again(tmp_path):

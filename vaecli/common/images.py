@@ -11,6 +11,7 @@ Nothing here imports JAX, so reading and writing pictures stays fast and testabl
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 import warnings
@@ -517,16 +518,28 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 def save_png(path: Path, pixels: np.ndarray) -> Path:
     """Write uint8 [H, W] (greyscale) or [H, W, 3] (RGB) `pixels` as a PNG, atomically; same pixels, same bytes."""
-    pixels = np.asarray(pixels)
-    is_grey_or_rgb = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)
-    if pixels.dtype != np.uint8 or not is_grey_or_rgb:
-        raise ValueError(f"save_png needs a uint8 [H, W] or [H, W, 3] array, got {pixels.dtype} {pixels.shape}")
-    picture = Image.fromarray(pixels)  # uint8 [H, W] becomes mode "L", [H, W, 3] mode "RGB"
+    picture = _png_picture(pixels)
 
     def write_png(handle: BinaryIO) -> None:
         picture.save(handle, format="PNG")
 
     return write_atomically(Path(path), write_png)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W] (greyscale) or [H, W, 3] (RGB) `pixels` encoded as PNG: the bytes save_png writes."""
+    buffer = io.BytesIO()
+    _png_picture(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_picture(pixels: np.ndarray) -> Image.Image:
+    """`pixels` as a Pillow picture of mode "L" ([H, W]) or "RGB" ([H, W, 3]); refused unless uint8."""
+    pixels = np.asarray(pixels)
+    is_grey_or_rgb = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)
+    if pixels.dtype != np.uint8 or not is_grey_or_rgb:
+        raise ValueError(f"a PNG needs a uint8 [H, W] or [H, W, 3] array, got {pixels.dtype} {pixels.shape}")
+    return Image.fromarray(pixels)
 
 
 # A fixed member timestamp: np.savez stamps the current time, which would make outputs differ.

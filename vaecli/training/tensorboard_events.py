@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from vaecli.common.images import png_bytes
+
 # Events reach the file within this many seconds (tensorboardX writes them from its own thread).
 FLUSH_SECONDS = 5
 # Scalars grouped the way TensorBoard lays out its panels: by the name before the first "/".
@@ -34,6 +36,17 @@ def event_file_suffix(first_epoch: int) -> str:
     this suffix orders two opened within the same second (a run and its quick resume) the same way.
     """
     return f".from-epoch-{first_epoch:06d}"
+
+
+def image_summary(tag: str, pixels: np.ndarray) -> Any:
+    """A TensorBoard Summary holding uint8 [H, W] (grey) or [H, W, 3] (RGB) `pixels` as one PNG, under `tag`."""
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    height, width = pixels.shape[:2]
+    picture = Summary.Image(
+        height=height, width=width, colorspace=1 if pixels.ndim == 2 else 3, encoded_image_string=png_bytes(pixels)
+    )
+    return Summary(value=[Summary.Value(tag=tag, image=picture)])
 
 
 class EpochEvents:
@@ -59,7 +72,9 @@ class EpochEvents:
             if key != "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
                 self.writer.add_scalar(scalar_tag(key), value, epoch)
         for tag, pixels in pictures.items():
-            self.writer.add_image(tag, pixels, epoch, dataformats="HW" if pixels.ndim == 2 else "HWC")
+            # Not add_image: it turns a grey picture into RGB and passes it through a resize (at scale 1)
+            # before encoding. The PNG here is the picture itself, encoded once as the epoch's file is.
+            self.writer.file_writer.add_summary(image_summary(tag, pixels), epoch)
 
     def flush(self) -> None:
         """Write what is queued now, rather than within FLUSH_SECONDS."""
