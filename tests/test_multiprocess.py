@@ -23,7 +23,7 @@ import yaml
 from helpers import assert_one_line_error, vae
 from idx_files import write_mnist_dir
 
-from vaecli.runs.rundir import read_metrics
+from vaecli.runs.rundir import RunLock, read_metrics
 
 PROCESSES = 2
 CHILD_TIMEOUT_SECONDS = 180
@@ -176,6 +176,24 @@ def test_a_process_that_cannot_start_stops_the_others_with_one_line(tiny_config_
     first_lines = [line for line in first_stderr.splitlines() if line.strip()]
     second_lines = [line for line in second_stderr.splitlines() if line.strip()]
     assert first_code == 1 and len(first_lines) == 1 and "already holds a run" in first_lines[0], first_stderr
+    assert second_code == 1 and len(second_lines) == 1, second_stderr
+    assert "process 0 could not start the run (its own error says why); this process stops too" in second_lines[0]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_a_run_locked_by_another_trainer_stops_every_process_with_one_line(tiny_config_file, tmp_path):
+    """Process 0 alone takes the run's lock, and another trainer holds it: process 0 names that trainer and
+    process 1 is told in one line that process 0 could not start, with no transport error; the run is untouched."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with RunLock(tmp_path / "run"):  # this test process is the other trainer
+        outcomes = train_in_processes(["--config", tiny_config_file, "--out", "run", "--overwrite"], tmp_path)
+    (first_code, _, first_stderr), (second_code, _, second_stderr) = outcomes
+    first_lines = [line for line in first_stderr.splitlines() if line.strip()]
+    second_lines = [line for line in second_stderr.splitlines() if line.strip()]
+    assert (
+        first_code == 1 and len(first_lines) == 1 and f"is being trained by process {os.getpid()}" in first_lines[0]
+    ), first_stderr
     assert second_code == 1 and len(second_lines) == 1, second_stderr
     assert "process 0 could not start the run (its own error says why); this process stops too" in second_lines[0]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
