@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RUN := runs/demo
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test coverage lint format bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: install
 # Two workers (pytest-xdist): much of the suite is single-threaded compiling, so on 2 cores they cut it from 12.4 to 8.7 min.
 test: install
 	$(BIN)/python -m pytest -q -n 2
+
+# Line coverage of the package by the whole suite (pytest-cov), with the lines each module misses.
+coverage: install
+	$(BIN)/python -m pytest -q -n 2 --cov=vaecli --cov-report=term-missing:skip-covered
 
 # Speed and memory figures for this machine (a table, and bench.json); not a test.
 bench: install

@@ -33,11 +33,11 @@ from vaecli.common.config import Config, config_to_yaml, load_config, validate_c
 from vaecli.common.devices import Placement, placement_over
 from vaecli.data.dataset import Dataset
 from vaecli.data.idx_family import validation_count
+from vaecli.models.targets import device_split
 from vaecli.models.vae import build_model, reparameterize
 from vaecli.runs.rundir import read_metrics
 from vaecli.training.loop import (
     EpochResult,
-    device_split,
     epoch_batch_indices,
     epoch_chunks,
     init_train_state,
@@ -281,9 +281,11 @@ def run_measured(
 
 
 # The least a process can do to turn codes into a picture with the same libraries: import JAX, Flax and
-# Pillow, decode 64 codes with the decoder of the mnist-sample run (16 -> 128 -> 256 -> 784, random
-# weights) from its warm compilation cache, write the PNG. `vae generate --n 64` is held to 0.7x of it.
+# Pillow, build the run's decoder (vaecli.models.vae, the Flax model, with random weights) and decode 64 codes
+# from its warm compilation cache, write the PNG. `vae generate --n 64` is held to 0.7x of it, for each
+# architecture: the MLP, the conv model, and the conv model with the pixel window (drawn pixel by pixel).
 MINIMAL_DECODE_SCRIPT = """
+import json
 import sys
 
 import jax
@@ -291,50 +293,62 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from vaecli.common.config import ModelConfig
+from vaecli.models.vae import build_model
+
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-class Decoder(nnx.Module):
-    def __init__(self, rngs):
-        self.layers = nnx.List([nnx.Linear(16, 128, rngs=rngs), nnx.Linear(128, 256, rngs=rngs),
-                                nnx.Linear(256, 784, rngs=rngs)])
-
-    def __call__(self, codes):
-        for layer in self.layers[:-1]:
-            codes = jax.nn.relu(layer(codes))
-        return jax.nn.sigmoid(self.layers[-1](codes))
-
-
-codes = np.random.default_rng(0).standard_normal((64, 16), dtype=np.float32)
-pixels = np.asarray(jax.jit(lambda decoder, codes: decoder(codes))(Decoder(nnx.Rngs(0)), codes))
-grid = pixels.reshape(8, 8, 28, 28).transpose(0, 2, 1, 3).reshape(224, 224)
-Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(sys.argv[2])
+spec = json.loads(open(sys.argv[2]).read())
+config, image_shape = ModelConfig(**spec["model"]), tuple(spec["image_shape"])
+graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, image_shape, 0)))
+rng = np.random.default_rng(0)
+weights = jax.tree.map(lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), abstract)
+model = nnx.merge(graphdef, weights)
+codes = rng.standard_normal((64, config.latent_dim), dtype=np.float32)
+keys = jax.random.split(jax.random.key(0), 64)
+pixels = np.asarray(jax.jit(lambda model, codes, keys: model.decode_images(codes, keys))(model, codes, keys))
+height, width = image_shape[:2]
+grid = pixels.reshape(8, 8, height, width, -1).transpose(0, 2, 1, 3, 4).reshape(8 * height, 8 * width, -1)
+Image.fromarray(np.round(grid * 255).astype(np.uint8).squeeze(-1) if grid.shape[-1] == 1 else grid).save(sys.argv[3])
 """
 GENERATE_TARGET_RATIO = 0.7
+# The runs the start-up is measured on: one epoch of the offline MNIST sample each (what matters here is the
+# decoder's architecture, not its training).
+START_UP_MODELS = {
+    "mlp": [],
+    "conv": ["--set", "model.arch=conv", "--set", "model.hidden=[32,64]"],
+    "conv_pixel_context": [
+        *("--set", "model.arch=conv", "--set", "model.hidden=[32,64]", "--set", "data.binarize=none"),
+        *("--set", "model.likelihood=logistic", "--set", "model.pixel_context=5"),
+    ],
+}
 
 
-def start_up_figures(workdir: Path, run_dir: Path, environment: dict[str, str], rounds: int = 9) -> dict:
-    """A warm `vae generate --n 64` against the minimal process, each with a warm compilation cache.
-
-    Run in alternation, so that both meet the same load on a shared machine: the medians of `rounds` each,
-    their ratio, and the median of the rounds' own ratios (which drift in the machine's load moves less).
-    """
+def start_up_figures(
+    workdir: Path, label: str, run_dir: Path, environment: dict[str, str], rounds: int = 9
+) -> dict[str, float | list[float]]:
+    """A warm `vae generate --n 64` of `run_dir` against the minimal process decoding with the same model, each
+    with a warm compilation cache. Run in alternation, so that both meet the same load on a shared machine: the
+    medians of `rounds` each, their ratio, and the median of the rounds' own ratios (which drift in the
+    machine's load moves less). Keys end in _<label>."""
     script = workdir / "minimal_decode.py"
     script.write_text(MINIMAL_DECODE_SCRIPT)
-    minimal = [sys.executable, str(script), str(workdir / "minimal-cache"), str(workdir / "minimal.png")]
+    metadata = json.loads(next((run_dir / "checkpoints").glob("*/meta/metadata")).read_text())
+    spec = workdir / f"minimal-{label}.json"
+    spec.write_text(json.dumps({"model": metadata["config"]["model"], "image_shape": metadata["image_shape"]}))
+    minimal = [sys.executable, str(script), str(workdir / "minimal-cache"), str(spec), str(workdir / "minimal.png")]
     generate = [sys.executable, "-m", "vaecli", "generate", "--run", str(run_dir), "--n", "64"]
     generate += ["--out", str(workdir / "grid.png")]
     run_measured(minimal, environment)  # fills its compilation cache
-    run_measured(generate, environment)  # and vae's, and keeps the run's weights for inference
+    run_measured(generate, environment)  # and vae's, and keeps the run's model file for inference
     minimal_seconds, generate_seconds = [], []
     for _ in range(rounds):
         minimal_seconds.append(run_measured(minimal, environment)[0])
         generate_seconds.append(run_measured(generate, environment)[0])
     ratio = statistics.median(generate_seconds) / statistics.median(minimal_seconds)
     rounds_ratios = [ours / theirs for ours, theirs in zip(generate_seconds, minimal_seconds, strict=True)]
-    return {
+    figures = {
         "minimal_decode_seconds_median": statistics.median(minimal_seconds),
         "minimal_decode_seconds_all": minimal_seconds,
         "generate_warm_seconds_median": statistics.median(generate_seconds),
@@ -342,6 +356,16 @@ def start_up_figures(workdir: Path, run_dir: Path, environment: dict[str, str], 
         "generate_over_minimal_ratio": ratio,
         "generate_over_minimal_ratio_of_rounds_median": statistics.median(rounds_ratios),
     }
+    return {f"{name}_{label}": value for name, value in figures.items()}
+
+
+def train_start_up_run(workdir: Path, label: str, environment: dict[str, str]) -> Path:
+    """One epoch of the offline sample with START_UP_MODELS[label]'s settings, in its own compilation cache."""
+    run_dir = workdir / f"run-{label}"
+    command = [sys.executable, "-m", "vaecli", "train", "--config", "mnist-sample", "--out", str(run_dir)]
+    command += ["--set", "train.epochs=1", *START_UP_MODELS[label]]
+    run_measured(command, dict(environment, XDG_CACHE_HOME=str(workdir / "train-cache")))
+    return run_dir
 
 
 def command_figures(workdir: Path) -> dict[str, float]:
@@ -350,13 +374,13 @@ def command_figures(workdir: Path) -> dict[str, float]:
     figures: dict[str, float] = {}
     figures["help_seconds"] = min(run_measured([*vae, "--help"], environment)[0] for _ in range(5))
 
-    run_dir = workdir / "run"
-    train_command = [*vae, "train", "--config", "mnist-sample", "--out", str(run_dir), "--set", "train.epochs=1"]
-    run_measured(train_command, dict(environment, XDG_CACHE_HOME=str(workdir / "train-cache")))
+    run_dir = train_start_up_run(workdir, "mlp", environment)
     generate = [*vae, "generate", "--run", str(run_dir), "--n", "64", "--out", str(workdir / "grid.png")]
     figures["generate_cold_seconds"] = run_measured(generate, environment)[0]  # empty compilation cache
     figures["generate_warm_seconds"] = min(run_measured(generate, environment)[0] for _ in range(3))
-    figures.update(start_up_figures(workdir, run_dir, environment))
+    figures.update(start_up_figures(workdir, "mlp", run_dir, environment))
+    for label in ("conv", "conv_pixel_context"):
+        figures.update(start_up_figures(workdir, label, train_start_up_run(workdir, label, environment), environment))
 
     many = [*vae, "generate", "--run", str(run_dir), "--n", "100000", "--out", str(workdir / "many.npz")]
     seconds, rss = run_measured(many, environment)
@@ -613,12 +637,7 @@ def print_table(figures: dict) -> None:
         ("vae --help", f"{figures['help_seconds']:.3f} s"),
         ("vae generate --n 64, cold compilation cache", f"{figures['generate_cold_seconds']:.3f} s"),
         ("vae generate --n 64, warm compilation cache", f"{figures['generate_warm_seconds']:.3f} s"),
-        ("  median, alternating with the minimal process", f"{figures['generate_warm_seconds_median']:.3f} s"),
-        ("  minimal process (JAX, Flax, Pillow; 64 decoded; PNG)",
-         f"{figures['minimal_decode_seconds_median']:.3f} s"),
-        ("  vae generate / minimal process (of the medians; round by round)",
-         f"{figures['generate_over_minimal_ratio']:.2f}x; "
-         f"{figures['generate_over_minimal_ratio_of_rounds_median']:.2f}x (target {GENERATE_TARGET_RATIO}x)"),
+        *start_up_rows(figures),
         ("vae generate --n 100000 --out x.npz", f"{figures['generate_100k_npz_seconds']:.1f} s, peak RSS "
          f"{figures['generate_100k_npz_peak_rss_bytes'] / 2**20:,.0f} MiB"),
         ("training peak RSS (60,000 images, reference MLP)", f"{figures['train_peak_rss_bytes'] / 2**20:,.0f} MiB"),
@@ -628,6 +647,23 @@ def print_table(figures: dict) -> None:
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+
+
+def start_up_rows(figures: dict) -> list[tuple[str, str]]:
+    """A warm `vae generate --n 64` against the minimal process, for each architecture in START_UP_MODELS."""
+    rows = []
+    for label in START_UP_MODELS:
+        rows += [
+            (f"  {label}: vae generate, median alternating with the minimal process",
+             f"{figures[f'generate_warm_seconds_median_{label}']:.3f} s"),
+            ("    minimal process (JAX, Flax, Pillow; the same decoder; 64 decoded; PNG)",
+             f"{figures[f'minimal_decode_seconds_median_{label}']:.3f} s"),
+            ("    vae generate / minimal process (of the medians; round by round)",
+             f"{figures[f'generate_over_minimal_ratio_{label}']:.2f}x; "
+             f"{figures[f'generate_over_minimal_ratio_of_rounds_median_{label}']:.2f}x "
+             f"(target {GENERATE_TARGET_RATIO}x)"),
+        ]  # fmt: skip
+    return rows
 
 
 def main() -> None:

@@ -92,7 +92,9 @@ def test_reconstruct_test_images_and_user_files(mnist_run, monkeypatch):
     digit = np.full((60, 40), 255, np.uint8)
     digit[10:50, 15:25] = 0  # a dark stroke on white paper, not at the model's size
     Image.fromarray(digit).save(workdir / "one.png")
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(workdir / "two.jpg")
+    light_ink = np.zeros((28, 28), np.uint8)
+    light_ink[6:22, 12:16] = 255  # already as MNIST draws it: light ink on dark, at the model's size
+    Image.fromarray(light_ink).save(workdir / "two.jpg")
     arguments = ("reconstruct", "one.png", "two.jpg", "--samples", 3, "--out", "recon.npz")
     assert vae(*arguments).exit_code == 0
     arrays = np.load(workdir / "recon.npz")

@@ -10,7 +10,7 @@ from image_folders import colourful_picture, write_image_folder
 from PIL import Image
 
 from vaecli.common.errors import DataError
-from vaecli.data.datasets import folder
+from vaecli.data import folder
 from vaecli.data.folder import DecodedFolder, load_folder, path_hash_order, split_folder
 
 READABLE_COUNT = 13  # 6 cats, 6 dogs, 1 loose at the top

@@ -13,7 +13,7 @@ import pytest
 
 from vaecli.common.cache import enable_compilation_cache, private_directory
 from vaecli.common.images import save_npz_streamed
-from vaecli.inference.open_run import inference_paths, open_inference_run
+from vaecli.inference.open_run import model_file_path, open_inference_run
 from vaecli.runs.rundir import INFERENCE_SUBDIR
 
 
@@ -59,7 +59,7 @@ def test_a_second_generate_reuses_the_compiled_programs_and_the_kept_weights(tmp
     subprocess.run([*command, "--out", str(tmp_path / "first.png")], env=environment, check=True, timeout=120)
     entries = sorted(path.name for path in cache.iterdir())
     assert any(name.startswith("jit__decode_prior_batch") for name in entries), entries
-    assert all(path.is_file() for path in inference_paths(run_dir, trained_run.step))
+    assert model_file_path(run_dir, trained_run.step).is_file()
     subprocess.run([*command, "--out", str(tmp_path / "second.png")], env=environment, check=True, timeout=120)
     assert sorted(path.name for path in cache.iterdir()) == entries  # every program came from the cache
     save_prior_samples(tmp_path / "flax.png", trained_run.model, 16, seed=0, temperature=1.0)
@@ -144,3 +144,22 @@ def test_decoding_commands_read_the_kept_weights_with_neither_orbax_nor_flax(run
     )  # fmt: skip
     assert loaded == ["jax"], printed
     assert printed.count(f"run {run_with_kept_weights}") == 3, printed
+
+
+def test_every_command_that_uses_a_model_runs_its_kept_file_with_neither_orbax_nor_flax(
+    run_with_kept_weights, tmp_path
+):
+    """evaluate, the latent views and export read the kept model file too (matplotlib draws the latent views)."""
+    run = ["--run", str(run_with_kept_weights)]
+    loaded, printed = modules_loaded_by(
+        "evaluate", "--k", "2", "--images", "8", *run,
+        then=(
+            ["latent", *run, "--images", "50", "--out", str(tmp_path / "latent.png")],
+            ["interpolate", "test:0", "test:1", *run, "--out", str(tmp_path / "interpolation.png")],
+            ["traverse", *run, "--out", str(tmp_path / "traverse.png")],
+            ["export", str(run_with_kept_weights), "--out", str(tmp_path / "model.vae")],
+        ),
+    )  # fmt: skip
+    assert "flax" not in loaded and "orbax" not in loaded and "jax" in loaded, printed
+    for output in ("latent.png", "interpolation.png", "traverse.png", "model.vae"):
+        assert (tmp_path / output).is_file(), printed

@@ -24,18 +24,17 @@ from vaecli.common.config import Config, DataConfig
 from vaecli.common.errors import CheckpointError, ConfigError, UsageError
 from vaecli.data.dataset import Dataset
 from vaecli.data.datasets import load_dataset
+from vaecli.models.layers import bernoulli_draw
 from vaecli.models.likelihoods import Bernoulli
-from vaecli.models.sampling import encoder_sees_binary, generate, reconstruct
+from vaecli.models.sampling import encoder_sees_binary, generate, prior_images, reconstruct
+from vaecli.models.targets import SPLIT_NUMBERS, device_split, root_key
 from vaecli.models.vae import build_model
 from vaecli.training.checkpoint import load_run, load_train_state, save_checkpoint
 from vaecli.training.loop import (
     EVALUATION_STREAM,
-    SPLIT_NUMBERS,
     EpochResult,
     TrainOutcome,
     batch_image_losses,
-    bernoulli_draw,
-    device_split,
     epoch_batch_indices,
     epoch_chunks,
     image_losses,
@@ -45,7 +44,6 @@ from vaecli.training.loop import (
     make_evaluator,
     make_train_chunk,
     make_update,
-    root_key,
     split_model,
     train,
 )
@@ -373,6 +371,9 @@ class LatentEcho(nnx.Module):
 
     def decode_images(self, latents: jax.Array, row_keys: jax.Array) -> jax.Array:
         return self.likelihood.mean(self.decode(latents))
+
+    def prior_images(self, seed: jax.Array, indices: jax.Array, temperature: jax.Array) -> jax.Array:
+        return prior_images(self, seed, indices, temperature)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])

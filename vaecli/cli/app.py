@@ -67,25 +67,28 @@ CheckpointOption = Annotated[
 ]
 
 
-def open_run(run: Path | None, checkpoint: str = "best", for_inference: bool = False):
-    """The run named by --run (or the newest one under ./runs), at the chosen checkpoint.
+def open_run(run: Path | None, checkpoint: str = "best"):
+    """The run named by --run (or the newest one under ./runs), at the chosen checkpoint, ready for inference:
+    its model file, read without Orbax or Flax once it is kept beside the run (vaecli.inference.open_run).
 
-    The option is checked before JAX is imported and its compilation cache turned on. `for_inference`
-    (generate, reconstruct, evaluate): the weights alone, read without Orbax or Flax once they are kept
-    beside the run (vaecli.inference.open_run).
+    The option is checked before JAX is imported and its compilation cache turned on; the run's notices (a
+    model file written anew) are printed on stderr.
     """
-    if checkpoint not in ("best", "latest") and not (checkpoint.isascii() and checkpoint.isdigit()):
-        raise UsageError(f"--checkpoint {checkpoint!r}: give best, latest or a step number")
+    check_checkpoint_option(checkpoint)
     enable_compilation_cache()
+    from vaecli.inference.open_run import open_inference_run
     from vaecli.runs.rundir import latest_run_dir
 
-    if for_inference:
-        from vaecli.inference.open_run import open_inference_run
+    opened = open_inference_run(run or latest_run_dir(), checkpoint)
+    for notice in opened.notices:
+        error_console.print(f"[yellow]note:[/yellow] {notice}", highlight=False)
+    return opened
 
-        return open_inference_run(run or latest_run_dir(), checkpoint)
-    from vaecli.training.checkpoint import load_run
 
-    return load_run(run or latest_run_dir(), checkpoint)
+def check_checkpoint_option(checkpoint: str) -> None:
+    """Refuse a --checkpoint that is none of best, latest or a step number."""
+    if checkpoint not in ("best", "latest") and not (checkpoint.isascii() and checkpoint.isdigit()):
+        raise UsageError(f"--checkpoint {checkpoint!r}: give best, latest or a step number")
 
 
 class StopRequests:
@@ -259,7 +262,7 @@ def generate(
     from vaecli.inference.samplers import check_sampler, save_samples
 
     check_sampler(sampler, components)
-    loaded = open_run(run, checkpoint, for_inference=True)
+    loaded = open_run(run, checkpoint)
     source = save_samples(out, loaded, sampler, n, seed, temperature, components)
     console.print(f"wrote {out}: {n} samples from {source}, run {loaded.run_dir} step {loaded.step}")
 
@@ -285,7 +288,7 @@ def reconstruct(
     check_outputs(out, "--samples", samples, seed)
     from vaecli.inference.sample import save_reconstructions
 
-    loaded = open_run(run, checkpoint, for_inference=True)
+    loaded = open_run(run, checkpoint)
     source = save_reconstructions(out, loaded, inputs or [], samples, seed, mean)
     how = "the posterior mean" if mean else f"{samples} draws of z ~ q(z|x)"
     console.print(f"wrote {out}: {source}, each decoded from {how}, run {loaded.run_dir} step {loaded.step}")
@@ -425,7 +428,7 @@ def evaluate(
     from vaecli.inference.evaluate import evaluate_split, evaluation_record
     from vaecli.runs.rundir import record_evaluation
 
-    loaded = open_run(run, checkpoint, for_inference=True)
+    loaded = open_run(run, checkpoint)
     with progress_bar(console if not as_json else error_console, f"evaluate {split}, k={k}") as on_progress:
         result = evaluate_split(loaded, split, k, images, seed, on_progress)
     record = evaluation_record(loaded, result)
@@ -443,6 +446,31 @@ def evaluate(
         record_evaluation(loaded.run_dir, record)
     except OutputError as error:
         error_console.print(f"[yellow]note:[/yellow] result not kept in the run: {error}", highlight=False)
+
+
+@app.command(name="export")
+@reports_errors
+def export_model(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    checkpoint: CheckpointOption = "best",
+    out: Annotated[Path, typer.Option("--out", help="The model file to write (.vae).")] = Path("model.vae"),
+) -> None:
+    """One self-contained model file: weights, the functions exported by jax.export, the config and image shape.
+
+    Any Python program with jax and numpy loads it and generates or reconstructs without vaecli
+    (see examples/exported.py).
+    """
+    check_checkpoint_option(checkpoint)
+    if out.suffix.lower() != ".vae":
+        raise UsageError(f"--out {out} must end in .vae (a model file)")
+    enable_compilation_cache()
+    from vaecli.inference.open_run import export_run
+
+    exported = export_run(run, checkpoint, out)
+    for notice in exported.notices:
+        error_console.print(f"[yellow]note:[/yellow] {notice}", highlight=False)
+    size_mib = out.stat().st_size / 2**20
+    console.print(f"wrote {out}: run {exported.run_dir} step {exported.step} ({size_mib:.1f} MiB)")
 
 
 @contextlib.contextmanager

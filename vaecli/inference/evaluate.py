@@ -27,16 +27,15 @@ import numpy as np
 from vaecli.common.config import Config
 from vaecli.common.errors import UsageError
 from vaecli.data.datasets import load_dataset
-from vaecli.models.layers import latents_from_noise
+from vaecli.models.layers import intensities, latents_from_noise
 from vaecli.models.likelihoods import bits_per_dim
 from vaecli.models.objectives import importance_log_weights, kl_per_dimension
 from vaecli.models.sampling import device_count, inference_placement, rows_for_devices, sampling_key, split_rows
-from vaecli.training.loop import SPLIT_NUMBERS, binarize_once, device_split, intensities
+from vaecli.models.targets import SPLIT_NUMBERS, binarize_once, device_split
 
 if TYPE_CHECKING:
     from vaecli.common.devices import Placement
     from vaecli.inference.open_run import InferenceRun
-    from vaecli.training.checkpoint import LoadedRun
 
 # Burda et al.: a unit is active when its posterior mean varies over the data by more than this.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -228,7 +227,7 @@ def aggregate_posterior_summary(totals: _Totals) -> dict[str, Any]:
 
 
 def evaluate_images(
-    run: LoadedRun | InferenceRun,
+    run: InferenceRun,
     images_uint8: np.ndarray,
     split: str,
     k: int,
@@ -303,7 +302,7 @@ def summarize(
 
 
 def evaluate_split(
-    run: LoadedRun | InferenceRun,
+    run: InferenceRun,
     split: str = "test",
     k: int = 5000,
     max_images: int | None = None,
@@ -323,6 +322,6 @@ def evaluate_split(
     return SplitEvaluation(**{**evaluation.__dict__, "extra": {"weights": weights, "step": run.step}})
 
 
-def evaluation_record(run: LoadedRun | InferenceRun, evaluation: SplitEvaluation) -> dict[str, Any]:
+def evaluation_record(run: InferenceRun, evaluation: SplitEvaluation) -> dict[str, Any]:
     """What `vae evaluate --json` prints and the run directory keeps (see vaecli.runs.rundir.record_evaluation)."""
     return {"run": str(run.run_dir), "dataset": run.dataset_name, **evaluation.to_dict()}

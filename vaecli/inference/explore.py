@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,7 +32,6 @@ from vaecli.inference.latent import (
     split_codes,
     traversal_latents,
 )
-from vaecli.training.checkpoint import LoadedRun
 
 # Pixels between tiles, as in every make_grid picture.
 GRID_PADDING = 2
@@ -45,6 +45,9 @@ DEFAULT_TRAVERSE_DIMS = 10
 RANKING_SPLIT = "val"
 # Inches per image tile in the traversal figure (about 66 pixels at the shared style's 120 dpi).
 TILE_INCHES = 0.55
+
+if TYPE_CHECKING:
+    from vaecli.inference.open_run import InferenceRun
 
 
 def require_png(out: Path) -> None:
@@ -65,7 +68,7 @@ class LatentFigure:
     with_manifold: bool
 
 
-def save_latent_figure(run: LoadedRun, out: Path, split: str, max_images: int | None, seed: int) -> LatentFigure:
+def save_latent_figure(run: InferenceRun, out: Path, split: str, max_images: int | None, seed: int) -> LatentFigure:
     """Posterior means of a split in 2-D with the prior's circles; for a 2-D latent, beside it the decoded manifold."""
     require_png(out)
     check_plottable(run.model.latent_dim)  # before the split is encoded
@@ -112,7 +115,7 @@ def draw_codes(ax, points: np.ndarray, codes: SplitCodes, plane: Plane) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=2.5 if marker_size < 10 else 1.5)
 
 
-def draw_manifold(ax, run: LoadedRun) -> None:
+def draw_manifold(ax, run: InferenceRun) -> None:
     """Decoded means of z on a grid of the prior's quantiles (Kingma & Welling's figure), axes in z."""
     values, latents = prior_quantile_grid(MANIFOLD_STEPS)
     grid = make_grid(decode_means(run.model, latents), columns=MANIFOLD_STEPS)
@@ -137,7 +140,7 @@ def tile_centres(indices: np.ndarray, tile_size: int, padding: int = GRID_PADDIN
 
 
 def save_interpolation(
-    run: LoadedRun, out: Path, first: str, second: str, steps: int, spherical: bool, seed: int
+    run: InferenceRun, out: Path, first: str, second: str, steps: int, spherical: bool, seed: int
 ) -> np.ndarray:
     """Decode a path from A's posterior mean to B's; one row: A as the encoder saw it, the path, B. Returns the path."""
     require_png(out)
@@ -184,7 +187,7 @@ class Traversal:
 
 
 def save_traversal(
-    run: LoadedRun,
+    run: InferenceRun,
     out: Path,
     input_spec: str | None,
     requested_dims: list[int] | None,

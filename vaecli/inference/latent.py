@@ -24,11 +24,11 @@ from vaecli.data.datasets import load_dataset
 from vaecli.inference.evaluate import ACTIVE_UNIT_THRESHOLD, evaluation_targets
 from vaecli.models.objectives import kl_per_dimension
 from vaecli.models.sampling import DECODE_BATCH_SIZE, encoder_sees_binary, model_views, pixel_keys, sampling_key
-from vaecli.models.vae import VAE
-from vaecli.training.checkpoint import LoadedRun
 
 if TYPE_CHECKING:
-    from vaecli.models.layers import InferenceModel
+    from vaecli.inference.exported import ExportedModel
+    from vaecli.inference.open_run import InferenceRun
+    from vaecli.models.vae import VAE
 
 # Images per compiled encoder call; the last batch is padded, so a split compiles once.
 ENCODE_BATCH_SIZE = 1024
@@ -58,7 +58,7 @@ def _encode_batch(model, views):
     return model.encode(views)
 
 
-def encode_views(model: VAE | InferenceModel, views: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def encode_views(model: VAE | ExportedModel, views: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(posterior means, log-variances), float32 [N, latent], of encoder inputs float32 [N, values].
 
     `model` a VAE or an InferenceModel: a pytree either way (see vaecli.inference.sample).
@@ -75,7 +75,7 @@ def encode_views(model: VAE | InferenceModel, views: jax.Array | np.ndarray) -> 
     return np.concatenate(means)[:count], np.concatenate(log_variances)[:count]
 
 
-def split_codes(run: LoadedRun, split: str, max_images: int | None = None, seed: int = 0) -> SplitCodes:
+def split_codes(run: InferenceRun, split: str, max_images: int | None = None, seed: int = 0) -> SplitCodes:
     """Encode split `split` of the run's dataset (its first `max_images`) as `vae evaluate --seed` sees it."""
     if max_images is not None and max_images < 1:
         raise UsageError(f"--images must be at least 1, got {max_images}")
@@ -88,7 +88,7 @@ def split_codes(run: LoadedRun, split: str, max_images: int | None = None, seed:
     return SplitCodes(split, means, log_variances, labels, tuple(dataset.class_names))
 
 
-def read_inputs(run: LoadedRun, specs: list[str]) -> np.ndarray:
+def read_inputs(run: InferenceRun, specs: list[str]) -> np.ndarray:
     """uint8 images [N, *image_shape]: each spec an image file (read as `vae reconstruct` reads it) or SPLIT:INDEX."""
     dataset = None
     images = []
@@ -109,7 +109,12 @@ def read_inputs(run: LoadedRun, specs: list[str]) -> np.ndarray:
     return np.stack(images)
 
 
-def input_codes(run: LoadedRun, images_uint8: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+@partial(jax.jit, static_argnames=("binarized",))
+def _views_of(images_uint8: jax.Array, binarized: bool, seed_key: jax.Array) -> jax.Array:
+    return model_views(images_uint8, binarized, seed_key, jnp.zeros(images_uint8.shape[0], jnp.int32))
+
+
+def input_codes(run: InferenceRun, images_uint8: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(what the encoder saw, float32 [N, *image_shape]; posterior means, float32 [N, latent]).
 
     A binarized model sees one Bernoulli draw of each image, as in `vae reconstruct`; every image is
@@ -117,7 +122,7 @@ def input_codes(run: LoadedRun, images_uint8: np.ndarray, seed: int = 0) -> tupl
     """
     seed_key = sampling_key(seed)
     binarized = encoder_sees_binary(run.config)
-    views = np.concatenate([np.asarray(model_views(image[None], binarized, seed_key, 0)) for image in images_uint8])
+    views = np.asarray(_views_of(jnp.asarray(images_uint8), binarized, seed_key))
     means, _ = encode_views(run.model, views)
     return views.reshape(len(images_uint8), *run.image_shape), means
 
@@ -251,7 +256,7 @@ def _decode_means(model, latents):
     return model.decode_images(latents, row_keys)
 
 
-def decode_means(model: VAE | InferenceModel, latents: np.ndarray) -> np.ndarray:
+def decode_means(model: VAE | ExportedModel, latents: np.ndarray) -> np.ndarray:
     """The mean of p(x|z) for each latent [N, latent] (a draw, for an autoregressive model), as generate decodes:
     float32 [N, *image_shape]."""
     latents = np.asarray(latents, np.float32)

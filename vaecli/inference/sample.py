@@ -23,17 +23,16 @@ from vaecli.models.sampling import encoder_sees_binary, generate, generate_batch
 
 if TYPE_CHECKING:
     from vaecli.common.devices import Placement
+    from vaecli.inference.exported import ExportedModel
     from vaecli.inference.open_run import InferenceRun
-    from vaecli.models.layers import InferenceModel
     from vaecli.models.vae import VAE
-    from vaecli.training.checkpoint import LoadedRun
 
 RECONSTRUCT_DEFAULT_COUNT = 16
 
 
 def save_prior_samples(
     out: Path,
-    model: VAE | InferenceModel,
+    model: VAE | ExportedModel,
     n: int,
     seed: int,
     temperature: float,
@@ -49,7 +48,7 @@ def save_prior_samples(
     return save_png(out, make_grid(generate(model, n, seed, temperature, placement)))
 
 
-def model_inputs(run: LoadedRun | InferenceRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
+def model_inputs(run: InferenceRun, input_paths: list[Path]) -> tuple[np.ndarray, str]:
     """The images to reconstruct as the model sees them (uint8), and a phrase saying where they came from."""
     if input_paths:
         images = np.stack([load_input_for_model(path, run.image_shape, run.preprocessing) for path in input_paths])
@@ -59,7 +58,7 @@ def model_inputs(run: LoadedRun | InferenceRun, input_paths: list[Path]) -> tupl
 
 
 def save_reconstructions(
-    out: Path, run: LoadedRun | InferenceRun, input_paths: list[Path], num_samples: int, seed: int, use_mean: bool
+    out: Path, run: InferenceRun, input_paths: list[Path], num_samples: int, seed: int, use_mean: bool
 ) -> str:
     """reconstruct() the inputs (or test images) and write the figure PNG or an .npz; returns the source phrase."""
     images_uint8, source = model_inputs(run, input_paths)

@@ -40,10 +40,9 @@ from vaecli.runs.rundir import SAMPLER_SUBDIR
 
 if TYPE_CHECKING:
     from vaecli.common.devices import Placement
+    from vaecli.inference.exported import ExportedModel
     from vaecli.inference.open_run import InferenceRun
-    from vaecli.models.layers import InferenceModel
     from vaecli.models.vae import VAE
-    from vaecli.training.checkpoint import LoadedRun
 
 SAMPLERS = ("prior", "gmm")
 # fold_in purpose of the mixture's draws under --seed, apart from the prior's (sample.SAMPLING_STREAM).
@@ -132,7 +131,7 @@ class MixtureFit:
     fitted_now: bool
 
 
-def run_mixture(run: LoadedRun | InferenceRun, components: int) -> MixtureFit:
+def run_mixture(run: InferenceRun, components: int) -> MixtureFit:
     """The mixture fitted to the run's training codes at this checkpoint: read from its cache, or fitted and cached."""
     path = mixture_cache_path(run.run_dir, run.step, components)
     cached = read_cached_mixture(path, components, run.model.latent_dim)
@@ -203,7 +202,7 @@ def _decode_mixture_batch(model, seed, first_index, mixture_arrays, temperature,
 
 
 def mixture_sample_batches(
-    model: VAE | InferenceModel,
+    model: VAE | ExportedModel,
     mixture: GaussianMixture,
     n: int,
     seed: int = 0,
@@ -230,7 +229,7 @@ def mixture_sample_batches(
 
 
 def mixture_samples(
-    model: VAE | InferenceModel,
+    model: VAE | ExportedModel,
     mixture: GaussianMixture,
     n: int,
     seed: int = 0,
@@ -242,7 +241,7 @@ def mixture_samples(
 
 
 def save_mixture_samples(
-    out: Path, run: LoadedRun | InferenceRun, n: int, seed: int, temperature: float, components: int
+    out: Path, run: InferenceRun, n: int, seed: int, temperature: float, components: int
 ) -> MixtureFit:
     """Fit (or reuse) the run's mixture and write a grid PNG, or an .npz holding `samples` [n, *image_shape]."""
     if n < 1:
@@ -259,7 +258,7 @@ def save_mixture_samples(
 
 
 def save_samples(
-    out: Path, run: LoadedRun | InferenceRun, sampler: str, n: int, seed: int, temperature: float, components: int
+    out: Path, run: InferenceRun, sampler: str, n: int, seed: int, temperature: float, components: int
 ) -> str:
     """`vae generate`: n images from `sampler` written to `out` (a PNG grid or .npz); returns where z came from."""
     check_sampler(sampler, components)

@@ -27,11 +27,10 @@ import numpy as np
 
 from vaecli.common.config import Config
 from vaecli.common.errors import UsageError
-from vaecli.models.layers import InferenceModel, bernoulli_draw, intensities, latents_from_noise
+from vaecli.models.layers import bernoulli_draw, intensities, latents_from_noise
 
 if TYPE_CHECKING:
     from vaecli.common.devices import Placement
-    from vaecli.models.vae import VAE
 
 # Images decoded per compiled call: bounds device memory for any --n.
 DECODE_BATCH_SIZE = 1024
@@ -104,12 +103,18 @@ def _per_index_normal(seed_key: jax.Array, indices: jax.Array, shape: tuple[int,
     return jax.vmap(lambda index: jax.random.normal(jax.random.fold_in(seed_key, index), shape))(indices)
 
 
-@partial(jax.jit, static_argnames=("batch_size", "placement"))
-def _decode_prior_batch(model, seed, first_index, temperature, batch_size, placement=None):
-    indices = split_rows(first_index + jnp.arange(batch_size), placement)
+def prior_images(model, seed: jax.Array, indices: jax.Array, temperature: jax.Array) -> jax.Array:
+    """Rows `indices` [B] of --seed's prior draws decoded, [B, values]: z_i = temperature * eps_i, eps_i from
+    fold_in(sampling_key(seed), i). Pure, for any model with decode_images: what each model's prior_images runs."""
     seed_key = sampling_key(seed)
     latents = temperature * _per_index_normal(seed_key, indices, (model.latent_dim,))
-    return split_rows(model.decode_images(latents, pixel_keys(seed_key, indices)), placement)
+    return model.decode_images(latents, pixel_keys(seed_key, indices))
+
+
+@partial(jax.jit, static_argnames=("batch_size", "placement"))
+def _decode_prior_batch(model, seed, first_index, temperature, batch_size, placement=None):
+    indices = split_rows(first_index + jnp.arange(batch_size, dtype=jnp.int32), placement)
+    return split_rows(model.prior_images(seed, indices, jnp.float32(temperature)), placement)
 
 
 def check_temperature(temperature: float) -> None:
@@ -132,7 +137,7 @@ def decoded_batches(
 
 
 def generate_batches(
-    model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0, placement: Placement | None = None
+    model, n: int, seed: int = 0, temperature: float = 1.0, placement: Placement | None = None
 ) -> Iterator[np.ndarray]:
     """generate() a batch at a time (float32 [<= DECODE_BATCH_SIZE, *image_shape]), for bounded memory.
 
@@ -149,54 +154,78 @@ def generate_batches(
     yield from decoded_batches(model.image_shape, n, placement, decode_batch)
 
 
-def generate(
-    model: VAE | InferenceModel, n: int, seed: int = 0, temperature: float = 1.0, placement: Placement | None = None
-) -> np.ndarray:
+def generate(model, n: int, seed: int = 0, temperature: float = 1.0, placement: Placement | None = None) -> np.ndarray:
     """n images decoded from z ~ N(0, temperature^2 I): means of p(x|z), float32 [n, *image_shape] in [0, 1]."""
     return np.concatenate(list(generate_batches(model, n, seed, temperature, placement)))
 
 
-@partial(jax.jit, static_argnames=("binarized",))
-def model_views(images_uint8: jax.Array, binarized: bool, seed_key: jax.Array, first_index) -> jax.Array:
+def model_views(images_uint8: jax.Array, binarized: bool | jax.Array, seed_key: jax.Array, indices) -> jax.Array:
     """What the encoder is given for each image, float32 [batch, values] in [0, 1].
 
-    A model trained on binary pixels gets one Bernoulli draw of the image (from its index), as in
-    training: q(z|x) was never fitted to grey levels. Otherwise the grey levels themselves.
+    A model trained on binary pixels gets one Bernoulli draw of the image (from its index in `indices`), as in
+    training: q(z|x) was never fitted to grey levels. Otherwise the grey levels themselves. `binarized` may be
+    traced (an exported function takes it as an argument), so both are computed and one is chosen.
     """
-    if not binarized:
+    if isinstance(binarized, bool) and not binarized:
         return intensities(images_uint8)
     flat_images = images_uint8.reshape(images_uint8.shape[0], -1)
-    indices = first_index + jnp.arange(images_uint8.shape[0])
     draw_key = jax.random.fold_in(seed_key, INPUT_DRAW_STREAM)
     draws = jax.vmap(lambda index, image: bernoulli_draw(jax.random.fold_in(draw_key, index), image))(
         indices, flat_images
-    )
-    return draws.astype(jnp.float32)
+    ).astype(jnp.float32)
+    return draws if isinstance(binarized, bool) else jnp.where(binarized, draws, intensities(images_uint8))
 
 
-@partial(jax.jit, static_argnames=("binarized", "num_samples", "use_mean", "placement"))
+def posterior_images(
+    model,
+    images_uint8: jax.Array,
+    binarized: jax.Array,
+    seed: jax.Array,
+    input_indices: jax.Array,
+    sample_numbers: jax.Array,
+    output_indices: jax.Array,
+    use_mean: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Row r: draw sample_numbers[r] of z ~ q(z|x) for input input_indices[r] (images_uint8[r]), decoded.
+
+    Returns (what the encoder saw, [B, values]; the decoded images, [B, values]). eps of draw k of input i comes
+    from fold_in(fold_in(sampling_key(seed), i), k), and an autoregressive model's pixel draws from
+    output_indices[r] (i * K + k): the same whatever the batching. `use_mean`: decode the posterior mean instead.
+    Pure, for any model with encode and decode_images: what each model's posterior_images runs.
+    """
+    seed_key = sampling_key(seed)
+    views = model_views(images_uint8, binarized, seed_key, input_indices)
+    posterior_mean, posterior_log_variance = model.encode(views)
+    noise = jax.vmap(
+        lambda index, number: jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(seed_key, index), number), (model.latent_dim,)
+        )
+    )(input_indices, sample_numbers)
+    drawn = latents_from_noise(posterior_mean, posterior_log_variance, noise)
+    latents = jnp.where(use_mean, posterior_mean, drawn)
+    return views, model.decode_images(latents, pixel_keys(seed_key, output_indices))
+
+
+@partial(jax.jit, static_argnames=("num_samples", "placement"))
 def _reconstruct_batch(model, images_uint8, binarized, seed, first_index, num_samples, use_mean, placement=None):
     """(what the encoder saw, [batch, values]; the decoded means, [batch * num_samples, values])."""
-    seed_key = sampling_key(seed)
-    views = model_views(split_rows(images_uint8, placement), binarized, seed_key, first_index)
-    posterior_mean, posterior_log_variance = model.encode(views)
-    if use_mean:
-        latents = jnp.repeat(posterior_mean[:, None, :], num_samples, axis=1)
-    else:
-        # eps[i, k] from fold_in(fold_in(key, input index), k): the same draws whatever the batching.
-        indices = first_index + jnp.arange(views.shape[0])
-        input_keys = jax.vmap(lambda index: jax.random.fold_in(seed_key, index))(indices)
-        noise = jax.vmap(lambda key: _per_index_normal(key, jnp.arange(num_samples), (model.latent_dim,)))(input_keys)
-        latents = latents_from_noise(posterior_mean[:, None, :], posterior_log_variance[:, None, :], noise)
-    # Draw k of input i (autoregressive models) is keyed by its flat index, the same whatever the batching.
-    output_indices = (first_index + jnp.arange(views.shape[0]))[:, None] * num_samples + jnp.arange(num_samples)
-    row_keys = pixel_keys(seed_key, output_indices.reshape(-1))
-    means = model.decode_images(latents.reshape(-1, model.latent_dim), row_keys)
-    return split_rows(views, placement), split_rows(means, placement)
+    count = images_uint8.shape[0]
+    input_indices = first_index + jnp.arange(count, dtype=jnp.int32)
+    rows = jnp.repeat(images_uint8, num_samples, axis=0)
+    row_inputs = jnp.repeat(input_indices, num_samples)
+    sample_numbers = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), count)
+    output_indices = row_inputs * num_samples + sample_numbers
+    rows, row_inputs, sample_numbers, output_indices = (
+        split_rows(array, placement) for array in (rows, row_inputs, sample_numbers, output_indices)
+    )
+    views, means = model.posterior_images(
+        rows, jnp.bool_(binarized), seed, row_inputs, sample_numbers, output_indices, jnp.bool_(use_mean)
+    )
+    return split_rows(views[::num_samples], placement), split_rows(means, placement)
 
 
 def reconstruct(
-    model: VAE | InferenceModel,
+    model,
     images_uint8: np.ndarray,
     binarized: bool,
     num_samples: int = 1,

@@ -17,6 +17,7 @@ from flax import nnx
 
 from vaecli.common.config import ModelConfig
 from vaecli.common.errors import ConfigError
+from vaecli.models import sampling
 from vaecli.models.layers import ACTIVATION_FUNCTIONS, LOG_VARIANCE_BOUND, latents_from_noise
 from vaecli.models.likelihoods import DiscretizedLogisticMixture, Likelihood, make_likelihood
 
@@ -153,6 +154,16 @@ class VAE(nnx.Module):
             return self.likelihood.mean(params)
         return self.context.sample(self.likelihood, params, row_keys)
 
+    def prior_images(self, seed: jax.Array, indices: jax.Array, temperature: jax.Array) -> jax.Array:
+        """Rows `indices` of --seed's prior draws decoded: see vaecli.models.sampling.prior_images."""
+        return sampling.prior_images(self, seed, indices, temperature)
+
+    def posterior_images(self, images_uint8, binarized, seed, input_indices, sample_numbers, output_indices, use_mean):
+        """Draws of q(z|x) decoded, row by row: see vaecli.models.sampling.posterior_images."""
+        return sampling.posterior_images(
+            self, images_uint8, binarized, seed, input_indices, sample_numbers, output_indices, use_mean
+        )
+
 
 def reparameterize(key: jax.Array, mean: jax.Array, log_variance: jax.Array) -> jax.Array:
     """z = mu + sigma * eps with eps ~ N(0, I): a sample of q(z|x) that gradients flow through."""
@@ -180,8 +191,8 @@ def build_model(config: ModelConfig, image_shape: tuple[int, ...], seed: int) ->
 
 
 def inference_weights(model: VAE) -> dict[str, np.ndarray]:
-    """The model's parameters as host arrays named by their path, e.g. "decoder/layers/0/kernel": what
-    vaecli.models.layers.InferenceModel computes with."""
+    """The model's parameters as host arrays named by their path, e.g. "decoder/layers/0/kernel": the weights
+    its exported functions take (vaecli.inference.export)."""
     flat_params = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {"/".join(map(str, path)): np.asarray(variable[...]) for path, variable in flat_params}
 

@@ -29,9 +29,10 @@ from vaecli.common.config import Config, config_from_dict
 from vaecli.common.errors import CheckpointError, OutputError
 from vaecli.common.files import ensure_directory
 from vaecli.data.dataset import Dataset
+from vaecli.models.targets import PRNG_IMPL, root_key
 from vaecli.models.vae import VAE, build_model
 from vaecli.runs.rundir import CHECKPOINT_SUBDIR, RANKING_METRIC
-from vaecli.training.loop import PRNG_IMPL, TrainState, make_optimizer, root_key, split_model
+from vaecli.training.loop import TrainState, make_optimizer, split_model
 
 # 2: keeps the best by validation loss, records the PRNG key, the training-set size and whether the
 # epoch was finished (an interrupted run saves mid-epoch). 3: the likelihood, conv and objective keys,

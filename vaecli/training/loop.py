@@ -34,12 +34,12 @@ from vaecli.common.config import Config
 from vaecli.common.devices import Placement, check_batch_splits, device_count_for, placement_over
 from vaecli.common.errors import ConfigError
 from vaecli.data.dataset import Dataset
-from vaecli.models.layers import bernoulli_draw, intensities
 from vaecli.models.objectives import (
     importance_log_weights,
     importance_weighted_bound,
     kl_to_standard_normal,
 )
+from vaecli.models.targets import SPLIT_NUMBERS, bernoulli_targets, device_split, root_key
 from vaecli.models.vae import VAE, build_model, check_buildable, latents_from_noise, set_output_bias
 
 # Purposes for jax.random.fold_in on the run's root key (and the batch order's NumPy seed): each stream of
@@ -47,9 +47,6 @@ from vaecli.models.vae import VAE, build_model, check_buildable, latents_from_no
 STEP_NOISE_STREAM = 1
 BATCH_ORDER_STREAM = 2
 EVALUATION_STREAM = 3
-STATIC_BINARIZATION_STREAM = 4
-# The number each split's static binarization (and evaluation's fixed draw) is folded with.
-SPLIT_NUMBERS = {"train": 0, "val": 1, "test": 2}
 # Validation images per evaluation batch; the last partial batch is padded and masked.
 EVAL_BATCH_SIZE = 1000
 # Update steps per compiled call: enough to make dispatch overhead vanish, few enough that progress
@@ -61,9 +58,6 @@ STEPS_PER_CHUNK = 64
 # chunk without them runs at 0.994 of one with them): XLA schedules the two steps as one program, and a profile
 # shows it computing the second step's Adam moments from both steps' gradients in one pass over them.
 STEP_UNROLL = 2
-# Philox (one of JAX's own PRNG implementations) draws bits about 4x faster than the default
-# threefry on a CPU, and dynamic binarization draws one number per pixel per step.
-PRNG_IMPL = "philox2x32"
 # XLA's default copy insertion copies six weight arrays (the 400x784 decoder matrix among them) on every step of
 # the reference MLP, in a scan without any lax.cond and in a lone step alike: it cannot prove that the backward
 # pass has read the old weights before the update overwrites them in place. Its region analysis proves it and
@@ -117,41 +111,12 @@ class EpochResult:
         return nnx.merge(self.graphdef, self.state.inference_params())
 
 
-def root_key(seed: int) -> jax.Array:
-    """The run's root PRNG key; every other key is folded from it."""
-    return jax.random.key(seed, impl=PRNG_IMPL)
-
-
-def bernoulli_targets(images_uint8: jax.Array, key: jax.Array, binarize: str) -> jax.Array:
-    """Flattened float32 targets in [0, 1]: fresh binary draws (dynamic) or the intensities as they are."""
-    if binarize == "dynamic":
-        # Drawn on the flattened batch: Philox fills a 2-D shape markedly faster than [B, H, W].
-        flat_images = images_uint8.reshape(images_uint8.shape[0], -1)
-        return bernoulli_draw(key, flat_images).astype(jnp.float32)
-    return intensities(images_uint8)
-
-
 def step_binarization(config: Config) -> str:
     """What each step does to its batch: static data was binarized once up front, so it needs nothing."""
     return "dynamic" if config.data.binarize == "dynamic" else "none"
 
 
 @jax.jit
-def binarize_once(images_uint8: jax.Array, key: jax.Array) -> jax.Array:
-    """One fixed Bernoulli draw per pixel from its intensity, as uint8 0 or 255 (static binarization)."""
-    flat_images = images_uint8.reshape(images_uint8.shape[0], -1)
-    return jnp.where(bernoulli_draw(key, flat_images), 255, 0).astype(jnp.uint8).reshape(images_uint8.shape)
-
-
-def device_split(config: Config, images_uint8: np.ndarray, split_number: int) -> jax.Array:
-    """A split's images on the device as uint8; binarized once here when data.binarize is static."""
-    images = jax.device_put(images_uint8)
-    if config.data.binarize != "static":
-        return images
-    static_key = jax.random.fold_in(jax.random.fold_in(root_key(config.seed), STATIC_BINARIZATION_STREAM), split_number)
-    return binarize_once(images, static_key)
-
-
 class ImageLosses(NamedTuple):
     """Per-image terms of one batch, in nats: the objective trained, and the ELBO's two parts."""
 

@@ -50,6 +50,7 @@ from vaecli.data.dataset import Dataset
 from vaecli.data.datasets import load_dataset, resolved_data_dir
 from vaecli.data.download import DownloadProgress
 from vaecli.models.sampling import encoder_sees_binary, generate, reconstruct
+from vaecli.models.targets import PRNG_IMPL
 from vaecli.models.vae import VAE, build_model
 from vaecli.runs.curves import write_curves
 from vaecli.runs.rundir import (
@@ -66,7 +67,7 @@ from vaecli.runs.rundir import (
 from vaecli.runs.rundir import latest_run_dir as latest_run_dir  # re-exported: its home before rundir existed
 from vaecli.training.background import OrderedWorker
 from vaecli.training.checkpoint import CheckpointWriter, load_train_state, read_latest_meta
-from vaecli.training.loop import PRNG_IMPL, EpochResult, NonFiniteLoss, StepProgress, TrainState, check_trainable, train
+from vaecli.training.loop import EpochResult, NonFiniteLoss, StepProgress, TrainState, check_trainable, train
 from vaecli.training.tensorboard_events import EpochEvents
 
 # Fixed seeds for the per-epoch pictures, so the same z is decoded every epoch and progress shows.
