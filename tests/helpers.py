@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from conftest import small_config
+from conftest import TEST_XLA_FLAGS, small_config
 from typer.testing import CliRunner
 
 from vaecli.cli.app import app
@@ -80,8 +80,9 @@ def child_environment(devices: int) -> dict[str, str]:
     """This process's environment (its private data caches among it), on the CPU, with `devices` devices."""
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     environment["JAX_PLATFORMS"] = "cpu"
+    environment["XLA_FLAGS"] = TEST_XLA_FLAGS
     if devices > 1:
-        environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        environment["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     return environment
 
 

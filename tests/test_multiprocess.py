@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import TEST_XLA_FLAGS
 from helpers import assert_one_line_error, vae
 from idx_files import write_mnist_dir
 
@@ -45,7 +46,7 @@ def child_environment(devices: int) -> dict[str, str]:
     """This process's environment (its private caches among it), on the CPU, with `devices` devices."""
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     environment["JAX_PLATFORMS"] = "cpu"
-    environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    environment["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
     return environment
 
 
