@@ -51,6 +51,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "exported.py"
 # pixel), and bfloat16 layers.
 MODELS = {
     "mlp-bernoulli-grey": (ModelConfig(hidden=(48, 24), latent_dim=4), (28, 28)),
+    "mlp-logistic-grey": (ModelConfig(hidden=(40,), latent_dim=3, likelihood="logistic", mixtures=3), (12, 12)),
     "mlp-logistic-colour": (
         ModelConfig(hidden=(32,), latent_dim=3, likelihood="logistic", mixtures=2, activation="gelu"),
         (8, 8, 3),
