@@ -288,6 +288,22 @@ def test_functions_this_jax_cannot_read_are_written_anew_with_a_notice(run_copy,
     assert read_current_model_file(run_copy, step, checkpoint_identity(run_copy, step)) is not None
 
 
+def test_functions_not_lowered_for_this_backend_are_written_anew_with_a_notice(run_copy, trained_run, monkeypatch):
+    """A run trained on a GPU whose file was exported there only (an earlier vaecli), then used on this CPU."""
+    step = trained_run.step
+    open_inference_run(run_copy)
+    path = model_file_path(run_copy, step)
+    monkeypatch.setattr("vaecli.inference.export.export_platforms", lambda: ("cuda",))
+    path.write_bytes(model_file_bytes(trained_run, checkpoint=checkpoint_identity(run_copy, step)))
+    monkeypatch.undo()
+    with pytest.raises(ModelFileError, match="exported for cuda, not for this machine's cpu"):
+        read_model_file(path)
+    reopened = open_inference_run(run_copy)
+    (notice,) = reopened.notices
+    assert "exported for cuda" in notice and "written anew" in notice
+    assert read_model_file(path).model.functions.generate.platforms == ("cpu", "cuda")
+
+
 def test_the_file_of_another_checkpoint_of_the_same_step_is_not_used(run_copy, trained_run):
     """A run trained again into the same folder reaches the same step with other weights."""
     step = trained_run.step

@@ -44,8 +44,14 @@ def _weights_rebuild(model: VAE) -> tuple[dict[str, np.ndarray], Callable[[dict[
     return inference_weights(model), rebuild
 
 
+def export_platforms() -> tuple[str, ...]:
+    """Where a model file runs: the CPU and NVIDIA GPUs, and this machine's backend if another: a run trained
+    on a GPU is used on a laptop, and a file exported on a laptop runs on a GPU."""
+    return tuple(dict.fromkeys(("cpu", "cuda", jax.default_backend())))
+
+
 def exported_functions(model: VAE) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
-    """(the weights by path, each of FUNCTION_NAMES serialized) for `model`."""
+    """(the weights by path, each of FUNCTION_NAMES serialized) for `model`, lowered for export_platforms()."""
     weights, rebuild = _weights_rebuild(model)
     weight_specs = {name: jax.ShapeDtypeStruct(array.shape, array.dtype) for name, array in weights.items()}
     values, latent_dim = model.num_values, model.latent_dim
@@ -89,7 +95,7 @@ def exported_functions(model: VAE) -> tuple[dict[str, np.ndarray], dict[str, byt
     }
     assert tuple(traced) == FUNCTION_NAMES
     serialized = {
-        name: jax.export.export(jax.jit(function))(weight_specs, *arg_specs).serialize()
+        name: jax.export.export(jax.jit(function), platforms=export_platforms())(weight_specs, *arg_specs).serialize()
         for name, (function, arg_specs) in traced.items()
     }
     return weights, serialized

@@ -158,6 +158,7 @@ def read_model_file(source: Path | bytes, name: str | None = None) -> ModelFile:
         except (KeyError, OSError, ValueError, zipfile.BadZipFile) as error:
             raise ModelFileError(f"{name} is damaged ({error}); export the model again with `vae export`") from error
     functions = deserialize_functions(serialized, name, record.get("jax_version", "unknown"))
+    check_platform(functions, name)
     check_weights_fit(functions, weights, name)
     try:
         config = config_from_dict(record["config"], source=f"{name} model.json")
@@ -188,6 +189,18 @@ def _read_record(archive: zipfile.ZipFile, name: str) -> dict[str, Any]:
             "upgrade vaecli"
         )
     return record
+
+
+def check_platform(functions: ExportedFunctions, name: str) -> None:
+    """Refuse functions that were not lowered for this machine's backend (JAX could not run them here)."""
+    backend = jax.default_backend()
+    for function in FUNCTION_NAMES:
+        platforms = getattr(functions, function).platforms
+        if backend not in platforms:
+            raise UnreadableFunctionsError(
+                f"{name}: its functions were exported for {', '.join(platforms)}, not for this machine's {backend}; "
+                "export the model again here"
+            )
 
 
 def check_weights_fit(functions: ExportedFunctions, weights: Mapping[str, np.ndarray], name: str) -> None:

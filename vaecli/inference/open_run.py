@@ -8,8 +8,9 @@ opening the checkpoint were the largest part of a warm `vae generate` (see docs/
 The file is a cache. It is written atomically; each use checks it against the checkpoint (its step, commit
 record, metadata and weight files: rundir.checkpoint_identity, kept in its model.json), and a file that is
 missing, damaged, of another format version, or left by another checkpoint of the same step (a run trained
-again into the same folder) is written anew. One that this JAX cannot read (exported by another JAX version)
-is written anew too, with a one-line notice. `vae export` copies it out as one self-contained file.
+again into the same folder) is written anew. One that this JAX cannot read (exported by another JAX version), or
+whose functions were not lowered for this machine's backend, is written anew too, with a one-line notice.
+`vae export` copies it out as one self-contained file.
 """
 
 from __future__ import annotations
