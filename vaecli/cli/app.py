@@ -467,8 +467,6 @@ def export_model(
     from vaecli.inference.open_run import export_run
 
     exported = export_run(run, checkpoint, out)
-    for notice in exported.notices:
-        error_console.print(f"[yellow]note:[/yellow] {notice}", highlight=False)
     size_mib = out.stat().st_size / 2**20
     console.print(f"wrote {out}: run {exported.run_dir} step {exported.step} ({size_mib:.1f} MiB)")
 

@@ -44,14 +44,21 @@ def _weights_rebuild(model: VAE) -> tuple[dict[str, np.ndarray], Callable[[dict[
     return inference_weights(model), rebuild
 
 
-def export_platforms() -> tuple[str, ...]:
-    """Where a model file runs: the CPU and NVIDIA GPUs, and this machine's backend if another: a run trained
-    on a GPU is used on a laptop, and a file exported on a laptop runs on a GPU."""
+def this_platform() -> tuple[str, ...]:
+    """What a run's own model file (its cache) is lowered for: this machine's backend alone. Lowering for another
+    too makes every warm `vae generate` 4% slower (0.886 s against 0.852 s, median of 6 alternating runs); a
+    file of another backend is written anew when used here."""
+    return (jax.default_backend(),)
+
+
+def portable_platforms() -> tuple[str, ...]:
+    """What `vae export`'s file is lowered for: the CPU and NVIDIA GPUs, and this machine's backend if another,
+    so that a file exported on a laptop runs on a GPU and one exported on a GPU runs on a laptop."""
     return tuple(dict.fromkeys(("cpu", "cuda", jax.default_backend())))
 
 
-def exported_functions(model: VAE) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
-    """(the weights by path, each of FUNCTION_NAMES serialized) for `model`, lowered for export_platforms()."""
+def exported_functions(model: VAE, platforms: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+    """(the weights by path, each of FUNCTION_NAMES serialized) for `model`, lowered for `platforms`."""
     weights, rebuild = _weights_rebuild(model)
     weight_specs = {name: jax.ShapeDtypeStruct(array.shape, array.dtype) for name, array in weights.items()}
     values, latent_dim = model.num_values, model.latent_dim
@@ -95,15 +102,15 @@ def exported_functions(model: VAE) -> tuple[dict[str, np.ndarray], dict[str, byt
     }
     assert tuple(traced) == FUNCTION_NAMES
     serialized = {
-        name: jax.export.export(jax.jit(function), platforms=export_platforms())(weight_specs, *arg_specs).serialize()
+        name: jax.export.export(jax.jit(function), platforms=platforms)(weight_specs, *arg_specs).serialize()
         for name, (function, arg_specs) in traced.items()
     }
     return weights, serialized
 
 
-def model_file_bytes(run: LoadedRun, **extra_record: Any) -> bytes:
+def model_file_bytes(run: LoadedRun, platforms: tuple[str, ...], **extra_record: Any) -> bytes:
     """The model file of a restored run: model.json (with `extra_record`), weights.npz and the functions."""
-    weights, serialized = exported_functions(run.model)
+    weights, serialized = exported_functions(run.model, platforms)
     weights_buffer = io.BytesIO()
     np.savez(weights_buffer, **weights)
     record = {

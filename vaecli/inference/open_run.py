@@ -10,7 +10,7 @@ record, metadata and weight files: rundir.checkpoint_identity, kept in its model
 missing, damaged, of another format version, or left by another checkpoint of the same step (a run trained
 again into the same folder) is written anew. One that this JAX cannot read (exported by another JAX version), or
 whose functions were not lowered for this machine's backend, is written anew too, with a one-line notice.
-`vae export` copies it out as one self-contained file.
+`vae export` writes the same kind of file, lowered for the CPU and NVIDIA GPUs both (export.portable_platforms).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vaecli.common.config import Config
 from vaecli.common.errors import OutputError
@@ -31,6 +32,9 @@ from vaecli.inference.exported import (
     read_model_file,
 )
 from vaecli.runs.rundir import INFERENCE_SUBDIR, checkpoint_identity, checkpoint_step_dirs, chosen_checkpoint_step
+
+if TYPE_CHECKING:
+    from vaecli.training.checkpoint import LoadedRun
 
 MODEL_FILE_SUFFIX = ".vae"
 
@@ -102,12 +106,12 @@ def read_current_model_file(run_dir: Path, step: int, identity: str) -> ModelFil
 def restore_and_keep(run_dir: Path, which: str | int, notices: tuple[str, ...] = ()) -> InferenceRun:
     """Restore checkpoint `which` through Orbax and Flax, export it and keep its model file; a run folder that
     cannot be written to only goes without it."""
-    from vaecli.inference.export import model_file_bytes
+    from vaecli.inference.export import model_file_bytes, this_platform
     from vaecli.training.checkpoint import load_run
 
     loaded = load_run(run_dir, which)
     identity = checkpoint_identity(run_dir, loaded.step)
-    packed = model_file_bytes(loaded, checkpoint=identity)
+    packed = model_file_bytes(loaded, this_platform(), checkpoint=identity)
     path = model_file_path(run_dir, loaded.step)
     kept_path = None
     if identity is not None:
@@ -148,15 +152,13 @@ def remove_stale_model_files(run_dir: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def export_run(run_dir: Path, which: str | int, out: Path) -> InferenceRun:
-    """`vae export`: checkpoint `which`'s model file (kept or made now) copied to `out`, atomically."""
-    opened = open_inference_run(run_dir, which)
-    if opened.model_file is not None and opened.model_file.is_file():
-        packed = opened.model_file.read_bytes()
-    else:  # the run folder could not keep one: make it again
-        from vaecli.inference.export import model_file_bytes
-        from vaecli.training.checkpoint import load_run
+def export_run(run_dir: Path, which: str | int, out: Path) -> LoadedRun:
+    """`vae export`: checkpoint `which` restored and exported for every platform it may be used on
+    (export.portable_platforms), written to `out` atomically. Returns the restored run."""
+    from vaecli.inference.export import model_file_bytes, portable_platforms
+    from vaecli.training.checkpoint import load_run
 
-        packed = model_file_bytes(load_run(run_dir, which))
+    loaded = load_run(run_dir, which)
+    packed = model_file_bytes(loaded, portable_platforms())
     write_atomically(out, lambda handle: handle.write(packed))
-    return opened
+    return loaded
