@@ -101,7 +101,7 @@ def test_saved_yaml_round_trips(tmp_path):
         (
             "data: {name: cifar}\n",
             [],
-            "data.name: Input should be 'mnist', 'fashion_mnist', 'kmnist', 'mnist_sample' or",
+            "data.name: Input should be 'mnist', 'fashion_mnist', 'kmnist', 'cifar10', 'mnist_sample' or",
         ),
         ("data: {binarize: yes}\n", [], "data.binarize: Input should be 'none', 'dynamic' or 'static'"),
         ("data: {name: folder}\n", [], "data.dir is required for data.name: folder"),

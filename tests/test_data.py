@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cifar10_files import write_cifar10_dir
 from idx_files import write_idx_images, write_idx_labels, write_mnist_dir
 from image_folders import write_image_folder
 
@@ -150,11 +151,17 @@ def folder_config(tmp_path: Path) -> DataConfig:
     return DataConfig(name="folder", dir=str(pictures), image_size=12, channels=3, binarize="none")
 
 
+def cifar10_config(tmp_path: Path) -> DataConfig:
+    """A small archive already in place (5 x 3 training images, 4 test): nothing is downloaded."""
+    return DataConfig(name="cifar10", dir=str(write_cifar10_dir(tmp_path / "cifar10")), mirrors=(UNREACHABLE_MIRROR,))
+
+
 # How a test reaches each dataset's loader offline, and the split sizes and image shape that come back.
 OFFLINE_DATASETS = {
     "mnist": (partial(idx_family_config, "mnist"), (50, 10, 12), (28, 28)),
     "fashion_mnist": (partial(idx_family_config, "fashion_mnist"), (50, 10, 12), (28, 28)),
     "kmnist": (partial(idx_family_config, "kmnist"), (50, 10, 12), (28, 28)),
+    "cifar10": (cifar10_config, (13, 2, 4), (32, 32, 3)),
     "mnist_sample": (lambda tmp_path: DataConfig(name="mnist_sample"), (4000, 500, 500), (28, 28)),
     "folder": (folder_config, (16, 2, 2), (12, 12, 3)),
 }

@@ -44,29 +44,42 @@ def Sequence(item_type: Any, **limits: Any) -> Any:
     return Annotated[tuple[item_type, ...], BeforeValidator(_list_as_tuple), Field(**limits)]
 
 
-DOWNLOADABLE_DATASETS = ("mnist", "fashion_mnist", "kmnist")
+DOWNLOADABLE_DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10")
+# (image_size, channels) of the datasets whose images come in one size; folder's are chosen.
+NATIVE_IMAGE_SHAPES = {"cifar10": (32, 3)}  # the rest: 28x28 grey
 
 
 class DataConfig(_Section):
     """Which images to train on and how pixels become Bernoulli targets."""
 
     # The embedded 5,000-digit MNIST subset needs no network, so it is the safe default.
-    name: Literal["mnist", "fashion_mnist", "kmnist", "mnist_sample", "folder"] = "mnist_sample"
-    # Folder holding the dataset's files. MNIST-family default: the per-user cache
+    name: Literal["mnist", "fashion_mnist", "kmnist", "cifar10", "mnist_sample", "folder"] = "mnist_sample"
+    # Folder holding the dataset's files. Default for the downloadable ones: the per-user cache
     # ($VAECLI_DATA, else $XDG_CACHE_HOME/vaecli, else ~/.cache/vaecli), one folder per dataset.
     # Required for folder. Stored as an absolute path.
     dir: str | None = None
     # dynamic: fresh binary pixels drawn from the intensities every step (the protocol behind
     # published MNIST likelihoods); static: one fixed draw made with the seed; none: the
-    # intensities in [0, 1] are the Bernoulli targets.
+    # intensities in [0, 1] are the Bernoulli targets. cifar10: none, its default.
     binarize: Literal["none", "dynamic", "static"] = "dynamic"
-    # Base URLs to download the MNIST-family files from, tried in order, instead of the built-in
+    # Base URLs to download a downloadable dataset's files from, tried in order, instead of the built-in
     # mirrors (for a proxy or an internal mirror). Checksums are verified either way.
     mirrors: Sequence(str, min_length=1) | None = None
-    # folder only: images are scaled and centre-cropped to image_size x image_size ...
+    # folder: images are scaled and centre-cropped to image_size x image_size ...
     image_size: Annotated[int, Field(ge=4, le=1024)] = 28
-    # ... with 1 (grey) or 3 (RGB) channels.
+    # ... with 1 (grey) or 3 (RGB) channels. Any other dataset: its own size, 28 and 1 (32 and 3 for
+    # cifar10, its defaults), so the saved config describes the images.
     channels: Annotated[int, Field(ge=1, le=3)] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_the_dataset(cls, values: Any) -> Any:
+        # cifar10's images are 32x32 colour and are modelled at their 256 levels: keys left out say so,
+        # so `data.name: cifar10` alone is a valid section and the saved config describes the data.
+        if isinstance(values, dict) and values.get("name") == "cifar10":
+            image_size, channels = NATIVE_IMAGE_SHAPES["cifar10"]
+            values = {"image_size": image_size, "channels": channels, "binarize": "none", **values}
+        return values
 
     @field_validator("dir")
     @classmethod
@@ -102,9 +115,17 @@ class DataConfig(_Section):
     def _settings_fit_the_dataset(self) -> DataConfig:
         if self.name == "folder" and self.dir is None:
             raise ValueError("data.dir is required for data.name: folder; set it to the folder of images")
-        if self.name != "folder" and (self.image_size, self.channels) != (28, 1):
+        native_size, native_channels = NATIVE_IMAGE_SHAPES.get(self.name, (28, 1))
+        if self.name != "folder" and (self.image_size, self.channels) != (native_size, native_channels):
+            colour = "grey" if native_channels == 1 else "colour"
             raise ValueError(
-                f"data.image_size and data.channels apply to data.name: folder; {self.name} images are 28x28 grey"
+                f"data.image_size and data.channels apply to data.name: folder; "
+                f"{self.name} images are {native_size}x{native_size} {colour}"
+            )
+        if self.name == "cifar10" and self.binarize != "none":
+            raise ValueError(
+                f"data.binarize: cifar10 photos are modelled at their 256 levels per channel, not as binary "
+                f"pixels; set data.binarize: none (got {self.binarize})"
             )
         if self.mirrors is not None and self.name not in DOWNLOADABLE_DATASETS:
             raise ValueError(f"data.mirrors applies to {', '.join(DOWNLOADABLE_DATASETS)}, not to {self.name}")

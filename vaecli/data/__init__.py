@@ -1,5 +1,5 @@
 """Datasets as uint8 arrays split into train / val / test: a new dataset is one module here, named in datasets.py.
 
-IDX files and downloads (the MNIST family), image folders, and the offline sets made from the shipped sample.
+IDX files and downloads (the MNIST family), the CIFAR-10 archive, image folders, the offline sets made from the sample.
 May import: vaecli.common.
 """

@@ -35,6 +35,10 @@ def load_dataset(
     """Load the dataset `data` names, downloading or decoding (with progress callbacks) as needed."""
     # Imported here so that importing vaecli.data.datasets stays cheap and reads no file.
     directory = resolved_data_dir(data)
+    if data.name == "cifar10":
+        from vaecli.data.cifar10 import load_cifar10
+
+        return load_cifar10(directory, data.mirrors, on_download, on_decode)
     if data.name in DOWNLOADABLE_DATASETS:
         from vaecli.data.idx_family import load_idx_dataset
 

@@ -130,8 +130,12 @@ def download_missing(
     missing: Sequence[RemoteFile],
     mirrors: Sequence[str],
     on_progress: Callable[[DownloadProgress], None] | None = None,
+    placed_by_hand: str = " (gzipped or not)",
 ) -> None:
-    """Download each missing file, or raise one DataError naming the files, the folder and every failure."""
+    """Download each missing file, or raise one DataError naming the files, the folder and every failure.
+
+    `placed_by_hand` follows the file names in the error's advice to put them in the folder yourself.
+    """
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -145,6 +149,6 @@ def download_missing(
             tried = "; ".join(f"{url} ({reason})" for url, reason in failures)
             raise DataError(
                 f"{dataset_name}: could not download {remote.name}: tried {tried}. "
-                f"Put {still_needed} (gzipped or not) in {directory} by hand, "
+                f"Put {still_needed}{placed_by_hand} in {directory} by hand, "
                 "or set data.mirrors to a mirror you can reach"
             )

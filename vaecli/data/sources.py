@@ -1,7 +1,8 @@
-"""Where the MNIST-family datasets come from: mirrors, file names, published SHA-256 and sizes.
+"""Where the downloadable datasets come from: mirrors, file names, published SHA-256 and sizes.
 
-The checksums and sizes are those tensorflow-datasets publishes in its url_checksums/{mnist,
-fashion_mnist,kmnist}.txt. Every dataset uses the same four IDX file names.
+The MNIST family's checksums and sizes are those tensorflow-datasets publishes in its
+url_checksums/{mnist,fashion_mnist,kmnist}.txt; every one of them uses the same four IDX file names.
+CIFAR-10 is one archive, see CIFAR10_SOURCE.
 """
 
 from __future__ import annotations
@@ -107,3 +108,18 @@ IDX_SOURCES: dict[str, DatasetSource] = {
         licence="CC BY-SA 4.0 (ROIS-DS Center for Open Data in the Humanities)",
     ),
 }
+
+# The "python version" archive: cifar-10-batches-py/data_batch_1..5, test_batch and batches.meta, pickled.
+# Its SHA-256 is the file_hash Keras' loader checks (keras-team/keras, keras/src/datasets/cifar10.py) and the
+# one tensorflow-datasets recorded for this URL (url_checksums/cifar10.csv); 170,498,071 bytes as served.
+CIFAR10_SOURCE = DatasetSource(
+    name="cifar10",
+    mirrors=("https://www.cs.toronto.edu/~kriz/",),
+    files=(
+        RemoteFile(
+            "cifar-10-python.tar.gz", "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", 170498071
+        ),
+    ),
+    description="photographs in 10 classes, 32x32 colour",
+    licence="no licence stated; cite Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009",
+)
