@@ -35,8 +35,8 @@ def load(path):
                 for name in archive.namelist()
                 if name.endswith(".stablehlo")
             }
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        sys.exit(f"error: cannot read {path} as a vaecli model file ({error})")
+    except Exception as error:  # a missing or damaged file, or functions this JAX cannot deserialize
+        sys.exit(f"error: cannot read {path} as a vaecli model file ({type(error).__name__}: {error})")
     return record, weights, functions
 
 

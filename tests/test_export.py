@@ -442,9 +442,15 @@ def test_the_exported_file_generates_what_vae_generate_does_without_vaecli(tmp_p
 
 def test_the_example_refuses_a_bad_file_with_one_line(tmp_path):
     (tmp_path / "bad.vae").write_bytes(b"not a zip")
-    ran = run_example(tmp_path / "bad.vae", cwd=tmp_path)
-    assert ran.returncode == 1 and ran.stderr.count("\n") == 1 and "bad.vae" in ran.stderr
-    assert "Traceback" not in ran.stderr
+    weights = io.BytesIO()
+    np.savez(weights)
+    record = json.dumps({"format": "vaecli-model", "format_version": MODEL_FORMAT_VERSION}).encode()
+    members = {"model.json": record, "weights.npz": weights.getvalue(), "generate.stablehlo": b"not StableHLO"}
+    make_zip(tmp_path / "junk-functions.vae", members)
+    for name in ("bad.vae", "junk-functions.vae"):
+        ran = run_example(tmp_path / name, cwd=tmp_path)
+        assert ran.returncode == 1 and ran.stderr.count("\n") == 1 and name in ran.stderr, ran.stderr
+        assert "Traceback" not in ran.stderr
 
 
 # ---- which checkpoint, without Orbax -------------------------------------------------------------------------

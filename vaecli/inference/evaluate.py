@@ -128,7 +128,7 @@ def _importance_step(
 
     One compiled call per step, not a lax.scan over steps: XLA's CPU backend runs a convolutional
     decoder inside a loop an order of magnitude slower (see vaecli.training.loop.steps_per_chunk_for).
-    `model`: a VAE or an InferenceModel, pytrees both (see vaecli.inference.sample). `placement`: the devices the
+    `model`: a VAE or an ExportedModel, pytrees both (see vaecli.models.sampling). `placement`: the devices the
     images are split over (None: one device); every per-image array, the running sums among them, stays split.
     """
     targets, mean, log_variance, image_keys = (

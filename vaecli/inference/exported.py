@@ -116,10 +116,11 @@ class ExportedModel:
 
     def posterior_images(self, images_uint8, binarized, seed, input_indices, sample_numbers, output_indices, use_mean):
         """Draws of q(z|x) decoded, row by row: vaecli.models.sampling.posterior_images, exported."""
-        views, pictures = self.functions.reconstruct.call(
-            self.weights, images_uint8, binarized, seed, input_indices, sample_numbers, output_indices, use_mean
+        return tuple(
+            self.functions.reconstruct.call(
+                self.weights, images_uint8, binarized, seed, input_indices, sample_numbers, output_indices, use_mean
+            )
         )
-        return views, pictures
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _encode_batch(model, views):
 def encode_views(model: VAE | ExportedModel, views: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(posterior means, log-variances), float32 [N, latent], of encoder inputs float32 [N, values].
 
-    `model` a VAE or an InferenceModel: a pytree either way (see vaecli.inference.sample).
+    `model` a VAE or an ExportedModel: a pytree either way (see vaecli.models.sampling).
     """
     views = jnp.asarray(views, jnp.float32).reshape(len(views), -1)
     count = views.shape[0]

@@ -4,9 +4,10 @@ Each sample's noise comes from fold_in(sampling_key(seed), its index), so image 
 whatever --n or batch size is used, and the same seed gives the same bytes. A decoded image is the
 mean of p(x|z) (each pixel's probability, or the logistic mixture's expected level), not a draw.
 
-A model here is a Flax VAE (vaecli.models.vae) or its weights as an InferenceModel (vaecli.models.layers): both
-are pytrees, which the compiled functions take as an argument, and both give the same numbers. Nothing
-here imports Flax, so that generate and reconstruct can start without it.
+A model here is a Flax VAE (vaecli.models.vae: training's epoch pictures) or a model file's ExportedModel
+(vaecli.inference.exported: the commands): both are pytrees with the same methods, which the compiled functions
+take as an argument, and both give the same numbers. prior_images and posterior_images are what each model's
+methods of those names run (the exported ones traced from them). Nothing here imports Flax.
 
 On several devices (inference_placement) each batch is split over them and the weights replicated; since every
 draw is keyed by an index, the images are those of one device to float rounding. One device is left exactly as
